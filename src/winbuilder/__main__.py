@@ -1,0 +1,3 @@
+from winbuilder.cli import main
+
+main()

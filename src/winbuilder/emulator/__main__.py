@@ -1,0 +1,3 @@
+from winbuilder.emulator.cli import emulator
+
+emulator(prog_name="winbuilder emulator")
