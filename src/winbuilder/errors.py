@@ -117,7 +117,7 @@ class DeadlineExceeded(WinbuilderError):
 class Cancelled(WinbuilderError):
     """SIGINT or SIGTERM arrived. ``exit_code`` is 128 + the signal number."""
 
-    exit_code = ExitCode.SIGTERM
+    exit_code: int = ExitCode.SIGTERM
 
     def __init__(self, signum: int) -> None:
         super().__init__(f"cancelled by signal {signum}", "nothing was left running")

@@ -1,0 +1,242 @@
+"""``winbuilder``: the command line. Thin: arguments -> ``RunSpec`` -> ``flow.run`` -> exit code.
+
+Every failure of the tool itself ends with one stderr line ``winbuilder: error: <what> — <what to do>`` and the
+exit code of its class (``winbuilder.errors.ExitCode``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from winbuilder import flow
+from winbuilder.errors import ExitCode, UsageError, WinbuilderError
+from winbuilder.spec import RunSpec, SshSpec, TargetSpec, TlsSpec, parse_duration
+
+SECRET_ENV = ("WINBUILDER_PASSWORD", "PASSWORD")
+_NEEDS_QUOTES = re.compile(r'[\s&|<>^()"]')
+
+
+class _DashDashCommand(click.Command):
+    """A click command whose positional words are only taken after ``--``.
+
+    Anything positional before ``--`` is an error, so ``--no-copy false --command x`` fails loudly instead of
+    silently dropping what follows (a flaw of earlier tools).
+    """
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if "--" in args:
+            i = args.index("--")
+            ctx.meta["command_words"] = args[i + 1:]
+            args = args[:i]
+        return super().parse_args(ctx, args)
+
+
+class _RedactSecrets(logging.Filter):
+    """Replace any known secret in log records with ``***`` (defence in depth; secrets are not logged on purpose)."""
+
+    def __init__(self, secrets: list[str]) -> None:
+        super().__init__()
+        self.secrets = [s for s in secrets if s]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if any(s in text for s in self.secrets):
+            for s in self.secrets:
+                text = text.replace(s, "***")
+            record.msg, record.args = text, None
+        return True
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(package_name="winbuilder")
+def cli() -> None:
+    """Run a build on a Windows server from a Linux CI job: the workspace goes over, output streams back live,
+    the exact exit code comes back, the workspace comes back, nothing is left running."""
+
+
+@cli.command(cls=_DashDashCommand, context_settings={"ignore_unknown_options": False})
+@click.option("--host", help="The Windows server (name or IP). Without it, winbuilder creates one on Compute Engine.")
+@click.option("--port", type=click.IntRange(1, 65535), help="Port [default: 5986 HTTPS, 5985 --winrm-http, 22 SSH].")
+@click.option("--user", help="Windows user name.")
+@click.option("--password-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="File holding the password (first line). Else $WINBUILDER_PASSWORD, else $PASSWORD.")
+@click.option("--password", "password_arg", help="The password (visible in build history: prefer the env/file).")
+@click.option("--transport", type=click.Choice(["winrm", "ssh"]), default="winrm", show_default=True)
+@click.option("--winrm-http", is_flag=True, help="WinRM over HTTP (5985) with NTLM message encryption.")
+@click.option("--ca-bundle", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Verify the WinRM certificate against these CAs (PEM).")
+@click.option("--cert-sha256", help="Pin the WinRM certificate: hex SHA-256 of its DER encoding.")
+@click.option("--cert-thumbprint", help="Pin the WinRM certificate: its Windows thumbprint (hex SHA-1).")
+@click.option("--insecure-skip-verify", is_flag=True, help="Do not verify the WinRM certificate (warns every run).")
+@click.option("--ssh-key", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="SSH private key.")
+@click.option("--known-hosts", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="SSH known_hosts file to check the host key against.")
+@click.option("--host-key", help="SSH host key fingerprint, e.g. SHA256:abc... (as ssh-keygen -lf prints).")
+@click.option("--command", "command_opt", help="The command (cmd.exe syntax), or give it after --.")
+@click.option("--shell", type=click.Choice(["cmd", "powershell"]), default="cmd", show_default=True,
+              help="powershell runs the command as a script file (-File) and passes $LASTEXITCODE on.")
+@click.option("--workspace", type=click.Path(file_okay=False, path_type=Path),
+              help="Local directory to copy [default: /workspace if it exists, else the current directory].")
+@click.option("--remote-dir", default="C:\\workspace", show_default=True, help="Where the workspace goes.")
+@click.option("--exclude", multiple=True, help="Glob left out of the copy in (repeatable), e.g. '*.o', 'node_modules'.")
+@click.option("--no-copy", is_flag=True, help="Do not copy the workspace in.")
+@click.option("--no-copy-back", is_flag=True, help="Do not copy the workspace back.")
+@click.option("--clean-remote", is_flag=True, help="Empty --remote-dir on the server before copying in.")
+@click.option("--timeout", default="4h", show_default=True, help="Limit for the command; then terminate, exit 124.")
+@click.option("--connect-timeout", default="2m", show_default=True, help="Limit to connect and authenticate.")
+@click.option("--transfer-timeout", default="1h", show_default=True, help="Limit for each copy (in, back).")
+@click.option("--report", type=click.Path(dir_okay=False, path_type=Path), help="Write a JSON report here.")
+@click.option("--keep-on-failure", is_flag=True, help="Keep created resources when the build fails.")
+@click.option("--debug", is_flag=True, help="Debug logging (secrets are never logged).")
+@click.pass_context
+def run(ctx: click.Context, /, **opts: Any) -> None:
+    """Run a command on a Windows server with the workspace copied over and back.
+
+    \b
+    Examples:
+      WINBUILDER_PASSWORD=... winbuilder run --host 10.0.0.5 --user builder \\
+          --cert-thumbprint 3F9A... -- docker build -t IMAGE .
+      winbuilder run --host win --user builder --transport ssh --ssh-key key \\
+          --host-key SHA256:... --command "build.cmd"
+    """
+    spec = _spec(opts, ctx.meta.get("command_words"))
+    _configure_logging(opts["debug"], spec)
+    flow.install_signal_handlers()
+    result = flow.run(spec)
+    flow.print_timings(result)
+    if result.error:
+        _fail_line(result.error)
+    sys.exit(result.exit_code)
+
+
+def _spec(opts: dict[str, Any], words: list[str] | None) -> RunSpec:
+    command = _command(opts["command_opt"], words)
+    if not opts["host"]:
+        raise UsageError("no --host given, and creating a server on Compute Engine is not available in this build",
+                         "pass --host HOST --user USER")
+    if not opts["user"]:
+        raise UsageError("--user is required with --host", "pass --user USER")
+    password = _password(opts)
+    if opts["transport"] == "winrm" and password is None:
+        raise UsageError("no password for WinRM", "set WINBUILDER_PASSWORD or pass --password-file FILE")
+    if opts["transport"] == "ssh" and password is None and opts["ssh_key"] is None:
+        raise UsageError("no SSH credential", "pass --ssh-key FILE, or set WINBUILDER_PASSWORD")
+    pins = [p for p in (opts["cert_sha256"], opts["cert_thumbprint"]) if p]
+    if len(pins) > 1:
+        raise UsageError("--cert-sha256 and --cert-thumbprint both given", "pin one fingerprint")
+    if pins:
+        from winbuilder.transport.winrm import normalize_fingerprint
+
+        try:
+            normalize_fingerprint(pins[0])
+        except ValueError as exc:
+            raise UsageError(f"bad certificate fingerprint {pins[0]!r}", str(exc)) from None
+    if opts["winrm_http"] and opts["transport"] != "winrm":
+        raise UsageError("--winrm-http goes with --transport winrm", "drop --winrm-http")
+    target = TargetSpec(
+        host=opts["host"], port=opts["port"], user=opts["user"], password=password, transport=opts["transport"],
+        winrm_http=opts["winrm_http"],
+        tls=TlsSpec(cert_fingerprint=pins[0] if pins else None, ca_bundle=opts["ca_bundle"],
+                    insecure_skip_verify=opts["insecure_skip_verify"]),
+        ssh=SshSpec(key_path=opts["ssh_key"], known_hosts=opts["known_hosts"], host_key=opts["host_key"]))
+    return RunSpec(
+        command=command, workspace=_workspace(opts["workspace"]), target=target, shell=opts["shell"],
+        remote_dir=opts["remote_dir"], excludes=tuple(opts["exclude"]), copy_in=not opts["no_copy"],
+        copy_back=not opts["no_copy_back"], clean_remote=opts["clean_remote"],
+        timeout=parse_duration(opts["timeout"], "--timeout"),
+        connect_timeout=parse_duration(opts["connect_timeout"], "--connect-timeout"),
+        transfer_timeout=parse_duration(opts["transfer_timeout"], "--transfer-timeout"),
+        report=opts["report"], keep_on_failure=opts["keep_on_failure"], run_id=flow.new_run_id())
+
+
+def _command(command_opt: str | None, words: list[str] | None) -> str:
+    if command_opt is not None and words:
+        raise UsageError("the command is given twice (--command and after --)", "use one of them")
+    if words:
+        return " ".join(f'"{w}"' if _NEEDS_QUOTES.search(w) and '"' not in w else w for w in words)
+    if command_opt is None:
+        raise UsageError("no command given", "pass --command 'build.cmd' or the words after --")
+    return str(command_opt)
+
+
+def _password(opts: dict[str, Any]) -> str | None:
+    if opts["password_file"] is not None:
+        lines = opts["password_file"].read_text(encoding="utf-8").splitlines()
+        if not lines or not lines[0]:
+            raise UsageError(f"--password-file {opts['password_file']} is empty", "write the password on line 1")
+        return str(lines[0])
+    if opts["password_arg"] is not None:
+        flow.status("WARNING: --password is visible in build history and process lists; use WINBUILDER_PASSWORD "
+                    "or --password-file")
+        return str(opts["password_arg"])
+    for name in SECRET_ENV:
+        value = os.environ.get(name)
+        if value:
+            return value
+    return None
+
+
+def _workspace(path: Path | None) -> Path:
+    if path is None:
+        path = Path("/workspace") if Path("/workspace").is_dir() else Path.cwd()
+    if not path.is_dir():
+        raise UsageError(f"workspace {path} is not a directory", "pass --workspace DIR")
+    return path.resolve()
+
+
+def _configure_logging(debug: bool, spec: RunSpec) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("winbuilder: %(levelname)s %(name)s: %(message)s"))
+    secrets = [spec.target.password] if spec.target and spec.target.password else []
+    handler.addFilter(_RedactSecrets(secrets))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if debug else logging.WARNING)
+    for noisy in ("pypsrp", "spnego", "urllib3", "asyncssh", "requests_ntlm", "google", "charset_normalizer"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _fail_line(message: str) -> None:
+    sys.stderr.write(f"winbuilder: error: {message}\n")
+    sys.stderr.flush()
+
+
+def _add_emulator() -> None:
+    from winbuilder.emulator.cli import emulator
+
+    cli.add_command(emulator)
+
+
+_add_emulator()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point; maps usage errors to exit 64 with one line."""
+    try:
+        cli.main(args=argv, prog_name="winbuilder", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.Abort:
+        _fail_line("cancelled — nothing was left running")
+        sys.exit(ExitCode.SIGINT)
+    except click.UsageError as exc:
+        _fail_line(f"{exc.format_message()} — see 'winbuilder {_sub(argv)}--help'")
+        sys.exit(ExitCode.USAGE)
+    except click.ClickException as exc:
+        _fail_line(exc.format_message())
+        sys.exit(ExitCode.USAGE)
+    except WinbuilderError as exc:
+        _fail_line(str(exc))
+        sys.exit(exc.exit_code)
+
+
+def _sub(argv: list[str] | None) -> str:
+    args = sys.argv[1:] if argv is None else argv
+    return f"{args[0]} " if args and not args[0].startswith("-") else ""
