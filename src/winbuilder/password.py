@@ -39,14 +39,17 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from winbuilder.errors import CloudError
 
 __all__ = [
+    "HASH_FUNCTIONS",
     "WINDOWS_KEYS",
     "AgentError",
     "Password",
     "PasswordKey",
     "PasswordReader",
+    "format_expire_on",
     "key_entry",
     "merge_windows_keys",
     "new_key",
+    "parse_expire_on",
     "set_metadata_body",
 ]
 
