@@ -20,7 +20,7 @@ from winbuilder.errors import ExitCode, UsageError, WinbuilderError
 from winbuilder.spec import RunSpec, SshSpec, TargetSpec, TlsSpec, parse_duration
 
 SECRET_ENV = ("WINBUILDER_PASSWORD", "PASSWORD")
-_NEEDS_QUOTES = re.compile(r'[\s&|<>^()"]')
+_NEEDS_QUOTES = re.compile(r"\s")
 
 
 class _DashDashCommand(click.Command):
@@ -160,7 +160,9 @@ def _command(command_opt: str | None, words: list[str] | None) -> str:
     if command_opt is not None and words:
         raise UsageError("the command is given twice (--command and after --)", "use one of them")
     if words:
-        return " ".join(f'"{w}"' if _NEEDS_QUOTES.search(w) and '"' not in w else w for w in words)
+        # Words are joined with spaces; a word with white space (or an empty word) is double-quoted. cmd.exe
+        # operators such as && stay operators, as if typed at a prompt.
+        return " ".join(f'"{w}"' if (_NEEDS_QUOTES.search(w) or not w) and '"' not in w else w for w in words)
     if command_opt is None:
         raise UsageError("no command given", "pass --command 'build.cmd' or the words after --")
     return str(command_opt)

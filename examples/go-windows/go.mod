@@ -1,0 +1,3 @@
+module example.com/go-windows
+
+go 1.22
