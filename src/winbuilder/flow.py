@@ -155,7 +155,7 @@ def step_preflight(ctx: RunContext) -> None:
     """Check the workspace for names Windows cannot hold, before anything connects or moves."""
     if ctx.spec.copy_in:
         ctx.manifest = workspace.preflight(ctx.spec.workspace, ctx.spec.excludes)
-        status(f"workspace: {ctx.manifest.file_count} files, {_size(ctx.manifest.total_bytes)}")
+        status(f"workspace: {ctx.manifest.files} files, {_size(ctx.manifest.bytes)}")
 
 
 def step_connect(ctx: RunContext) -> None:
@@ -182,7 +182,8 @@ def step_copy_in(ctx: RunContext) -> None:
     rd = spec.remote_dir
     prefix = f'(if exist "{rd}\\" rmdir /s /q "{rd}") & ' if spec.clean_remote else ""
     if ctx.manifest is None:
-        ctx.manifest = workspace.empty_manifest(spec.workspace)
+        ctx.manifest = workspace.Manifest(root=spec.workspace, entries=(), files=0, bytes=0, dirs=0, symlinks=0,
+                                          excluded=0)
     stream = workspace.archive(ctx.manifest, spec.workspace, extra=extra)
     counted = _Counter(stream)
     errors = _Tail()
@@ -215,7 +216,7 @@ def step_copy_back(ctx: RunContext) -> None:
     """Stream ``tar -cf -`` of ``remote_dir`` back into the local workspace (new and changed files land)."""
     spec = ctx.spec
     rd = spec.remote_dir
-    extractor = workspace.Extractor(spec.workspace, ctx.manifest)
+    extractor = workspace.Extractor(spec.workspace, excludes=(SCRIPT_DIR,))
     errors = _Tail()
     try:
         rc = _transport(ctx).run(f'tar -cf - --exclude "{SCRIPT_DIR}" -C "{rd}" .', on_stdout=extractor.feed,
@@ -223,11 +224,12 @@ def step_copy_back(ctx: RunContext) -> None:
     except BaseException:
         extractor.abort()
         raise
-    result = extractor.close()
-    ctx.bytes_received = extractor.bytes_in
     if rc != 0:
+        extractor.abort()
         raise WorkspaceError(f"packing the workspace on the server failed (tar exit {rc}): {errors.text()}",
                              f"check that {rd} exists and is readable")
+    result = extractor.close()
+    ctx.bytes_received = result.stream_bytes
     status(f"copied back {result.files} files, {_size(result.bytes)}")
 
 
