@@ -70,6 +70,8 @@ def cli() -> None:
 @click.option("--password", "password_arg", help="The password (visible in build history: prefer the env/file).")
 @click.option("--transport", type=click.Choice(["winrm", "ssh"]), default="winrm", show_default=True)
 @click.option("--winrm-http", is_flag=True, help="WinRM over HTTP (5985) with NTLM message encryption.")
+@click.option("--operation-timeout", type=click.IntRange(1, 60), default=20, show_default=True,
+              help="WinRM: seconds a Receive waits for output before polling again.")
 @click.option("--ca-bundle", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Verify the WinRM certificate against these CAs (PEM).")
 @click.option("--cert-sha256", help="Pin the WinRM certificate: hex SHA-256 of its DER encoding.")
@@ -142,7 +144,7 @@ def _spec(opts: dict[str, Any], words: list[str] | None) -> RunSpec:
         raise UsageError("--winrm-http goes with --transport winrm", "drop --winrm-http")
     target = TargetSpec(
         host=opts["host"], port=opts["port"], user=opts["user"], password=password, transport=opts["transport"],
-        winrm_http=opts["winrm_http"],
+        winrm_http=opts["winrm_http"], operation_timeout=opts["operation_timeout"],
         tls=TlsSpec(cert_fingerprint=pins[0] if pins else None, ca_bundle=opts["ca_bundle"],
                     insecure_skip_verify=opts["insecure_skip_verify"]),
         ssh=SshSpec(key_path=opts["ssh_key"], known_hosts=opts["known_hosts"], host_key=opts["host_key"]))

@@ -148,7 +148,8 @@ def make_transport(target: TargetSpec, connect_timeout: float) -> Transport:
     return WinRMTransport(WinRMTarget(
         host=target.host, port=target.effective_port, user=target.user, password=target.password,
         https=not target.winrm_http, ca_bundle=target.tls.ca_bundle, cert_fingerprint=target.tls.cert_fingerprint,
-        insecure_skip_verify=target.tls.insecure_skip_verify, connect_timeout=min(30.0, connect_timeout)))
+        insecure_skip_verify=target.tls.insecure_skip_verify, connect_timeout=min(30.0, connect_timeout),
+        operation_timeout=target.operation_timeout))
 
 
 def step_preflight(ctx: RunContext) -> None:

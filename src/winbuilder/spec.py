@@ -82,6 +82,7 @@ class TargetSpec:
         password: never printed (``repr=False``); may be ``None`` for SSH with a key.
         transport: ``winrm`` or ``ssh``.
         winrm_http: WinRM over HTTP with NTLM message encryption instead of HTTPS.
+        operation_timeout: WS-Man OperationTimeout for Receive, in seconds (1-60; [MS-WSMV] MaxTimeoutms is 60 s).
     """
 
     host: str
@@ -90,6 +91,7 @@ class TargetSpec:
     port: int | None = None
     transport: TransportName = "winrm"
     winrm_http: bool = False
+    operation_timeout: int = 20
     tls: TlsSpec = TlsSpec()
     ssh: SshSpec = SshSpec()
 
