@@ -31,7 +31,7 @@ def main() -> int:
         time.sleep(int(m.group(1)))
         return 0
     os.chdir(a.root)
-    os.execv("/bin/sh", ["/bin/sh", "-c", a.line])
+    os.execv("/bin/sh", ["/bin/sh", "-c", a.line])  # noqa: S606 - the stand-in runs the line like cmd /c
     return 127
 
 
