@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import os
-import shlex
 import signal
+import socket
 import subprocess
 import sys
+import tarfile
 import threading
 import time
 import tracemalloc
@@ -18,8 +20,9 @@ from pathlib import Path
 
 import asyncssh
 import pytest
+from asyncssh.packet import UInt32
 
-from tests.fixtures.sshd import HAVE_CMD, SshHostFixture, write_client_key
+from tests.fixtures.sshd import SshHostFixture, write_client_key
 from winbuilder.errors import (
     AuthError,
     ConnectionFailed,
@@ -30,25 +33,15 @@ from winbuilder.errors import (
 )
 from winbuilder.transport.ssh import SshTarget, SshTransport
 
-PY = shlex.quote(sys.executable)
+
+def exit_b(code: int) -> str:
+    return f"exit /b {code}"
 
 
-class Dialect:
-    """Command lines for the remote side: cmd.exe syntax for the emulator, sh syntax for the stand-in."""
-
-    nl = b"\r\n" if HAVE_CMD else b"\n"
-
-    @staticmethod
-    def exit(code: int) -> str:
-        return f"exit /b {code}" if HAVE_CMD else f"exit {code}"
-
-    @staticmethod
-    def python(code: str) -> str:
-        """Run a Python one-liner on the 'remote' side (a host program either way)."""
-        return f'"{sys.executable}" -c "{code}"' if HAVE_CMD else f"{PY} -c {shlex.quote(code)}"
-
-
-D = Dialect()
+def python(code: str) -> str:
+    """A cmd.exe command line running a one-line Python program (the emulator finds ``python`` on the host PATH)."""
+    assert '"' not in code and "\n" not in code
+    return f'python -c "{code}"'
 
 
 class Collect:
@@ -101,7 +94,7 @@ def run(t: SshTransport, command: str, **kwargs: object) -> tuple[int, Collect]:
 
 def test_exit_codes_pass_through_exactly(transport: SshTransport) -> None:
     for code in (0, 1, 3, 42, 255):
-        assert run(transport, D.exit(code))[0] == code
+        assert run(transport, exit_b(code))[0] == code
     stats = transport.stats()
     assert stats.requests == 5
 
@@ -110,7 +103,7 @@ def test_stdout_and_stderr_are_separate_and_streamed(transport: SshTransport) ->
     script = ("import sys,time;sys.stdout.write('first\\n');sys.stdout.flush();"
               "sys.stderr.write('oops\\n');sys.stderr.flush();time.sleep(1.5);print('second');sys.exit(4)")
     started = time.monotonic()
-    code, c = run(transport, D.python(script), deadline=soon())
+    code, c = run(transport, python(script), deadline=soon())
     ended = time.monotonic()
     assert code == 4
     assert c.stdout.replace(b"\r\n", b"\n") == b"first\nsecond\n"
@@ -124,33 +117,57 @@ def test_utf8_is_byte_exact_both_ways(transport: SshTransport) -> None:
     text = "é 日本 ✓\n".encode()
     script = "import sys;sys.stdout.buffer.write(sys.stdin.buffer.read())"
     # Split a multi-byte character across two stdin chunks: bytes must come back unchanged.
-    code, c = run(transport, D.python(script), stdin=[text[:4], text[4:]])
+    code, c = run(transport, python(script), stdin=[text[:4], text[4:]])
     assert code == 0
     assert c.stdout == text
+
+
+def test_utf8_command_line_and_echo_are_byte_exact(transport: SshTransport) -> None:
+    code, c = run(transport, "echo é 日本")
+    assert code == 0
+    assert c.stdout == "é 日本\r\n".encode()
+
+
+def test_stdin_streams_a_20_mb_tar_into_tar_xf(ssh_host: SshHostFixture, transport: SshTransport) -> None:
+    payload = {f"dir/file{i}.bin": os.urandom(1024) * (5 * 1024) for i in range(4)}  # 4 x 5 MiB
+    archive = io.BytesIO()
+    with tarfile.open(fileobj=archive, mode="w") as tar:
+        for name, data in payload.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    blob = archive.getvalue()
+    step = transport.max_stdin_chunk
+    chunks = (blob[i:i + step] for i in range(0, len(blob), step))
+    code, c = run(transport, r"md C:\ws && tar -xf - -C C:\ws", stdin=chunks, deadline=soon(60))
+    assert code == 0, c.stderr
+    for name, data in payload.items():
+        assert (ssh_host.root / "C" / "ws" / name).read_bytes() == data
+    assert transport.stats().stdin_bytes == len(blob)
 
 
 def test_stdin_streams_20_mb_with_backpressure(transport: SshTransport) -> None:
     chunk = bytes(range(256)) * (transport.max_stdin_chunk // 256)
     total = 20 * 1024 * 1024
     count = total // len(chunk)
-    script = ("import sys,hashlib;h=hashlib.sha256();n=0\n"
-              "for b in iter(lambda: sys.stdin.buffer.read(65536), b''): h.update(b);n+=len(b)\n"
+    script = ("import sys,hashlib;h=hashlib.sha256();"
+              "n=sum(h.update(b) or len(b) for b in iter(lambda: sys.stdin.buffer.read(65536), b''));"
               "print(n, h.hexdigest())")
     expected = hashlib.sha256(chunk * count).hexdigest()
-    code, c = run(transport, D.python(script), stdin=(chunk for _ in range(count)), deadline=soon(60))
+    code, c = run(transport, python(script), stdin=(chunk for _ in range(count)), deadline=soon(60))
     assert code == 0, c.stderr
     assert c.stdout.split() == [str(len(chunk) * count).encode(), expected.encode()]
     assert transport.stats().stdin_bytes == len(chunk) * count
 
 
 def test_command_exiting_without_reading_stdin_still_returns_its_code(transport: SshTransport) -> None:
-    code, _ = run(transport, D.exit(3), stdin=(b"x" * 65536 for _ in range(400)), deadline=soon())
+    code, _ = run(transport, exit_b(3), stdin=(b"x" * 65536 for _ in range(400)), deadline=soon())
     assert code == 3
 
 
 def test_large_output_is_streamed_in_bounded_memory(transport: SshTransport) -> None:
-    total = 200 * 1024 * 1024
-    script = f"import sys;b=b'z'*(1<<20);w=sys.stdout.buffer.write\nfor _ in range({total >> 20}): w(b)"
+    total = 128 * 1024 * 1024
+    script = f"import sys;b=b'z'*(1<<20);[sys.stdout.buffer.write(b) for _ in range({total >> 20})]"
     seen = 0
 
     def count(data: bytes) -> None:
@@ -159,13 +176,13 @@ def test_large_output_is_streamed_in_bounded_memory(transport: SshTransport) -> 
 
     tracemalloc.start()
     try:
-        code = transport.run(D.python(script), on_stdout=count, on_stderr=lambda b: None, deadline=soon(120))
+        code = transport.run(python(script), on_stdout=count, on_stderr=lambda b: None, deadline=soon(120))
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
     assert code == 0
     assert seen == total
-    assert peak < 16 * 1024 * 1024, f"peak {peak} bytes while streaming {total} bytes"
+    assert peak < 8 * 1024 * 1024, f"peak {peak} bytes while streaming {total} bytes"
 
 
 def test_command_line_longer_than_cmd_limit_is_refused(transport: SshTransport) -> None:
@@ -195,14 +212,14 @@ def test_deadline_kills_the_command_and_the_connection_stays_usable(transport: S
     c = Collect()
     started = time.monotonic()
     with pytest.raises(DeadlineExceeded):
-        transport.run(D.python(script), on_stdout=c.on_stdout, on_stderr=c.on_stderr, deadline=started + 2.0)
+        transport.run(python(script), on_stdout=c.on_stdout, on_stderr=c.on_stderr, deadline=started + 2.0)
     assert time.monotonic() - started < 6.0
     assert b"started" in c.stdout
     gone_by = time.monotonic() + 5.0
     while _processes_with(marker) and time.monotonic() < gone_by:
         time.sleep(0.05)
     assert _processes_with(marker) == [], "the remote command outlived its deadline"
-    assert run(transport, D.exit(7))[0] == 7
+    assert run(transport, exit_b(7))[0] == 7
 
 
 # --- host key and authentication ---------------------------------------------------------------------------------
@@ -216,7 +233,7 @@ def test_repr_never_shows_the_password() -> None:
 def test_known_hosts_file_is_accepted(ssh_host: SshHostFixture) -> None:
     with SshTransport(ssh_host.target_with(host_key=None, known_hosts=ssh_host.host.known_hosts_path)) as t:
         t.connect(soon())
-        assert run(t, D.exit(0))[0] == 0
+        assert run(t, exit_b(0))[0] == 0
 
 
 def test_no_host_key_is_a_security_error_with_a_hint(ssh_host: SshHostFixture) -> None:
@@ -250,6 +267,18 @@ def test_unauthorized_key_is_an_auth_error(ssh_host: SshHostFixture, tmp_path: P
 # --- connection loss ---------------------------------------------------------------------------------------------
 
 
+def test_connect_deadline_when_the_server_never_answers() -> None:
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        target = SshTarget(host="127.0.0.1", port=silent.getsockname()[1], user="u", password="pw",
+                           host_key="SHA256:" + "C" * 43, connect_timeout=30.0)
+        started = time.monotonic()
+        with SshTransport(target) as t, pytest.raises(DeadlineExceeded):
+            t.connect(started + 1.0)
+        assert time.monotonic() - started < 3.0
+
+
 def test_sshd_killed_mid_command_is_connection_failed(ssh_host: SshHostFixture, transport: SshTransport) -> None:
     script = "import time;print('running', flush=True);time.sleep(30)"
     c = Collect()
@@ -259,10 +288,10 @@ def test_sshd_killed_mid_command_is_connection_failed(ssh_host: SshHostFixture, 
         ssh_host.host.kill()
 
     with pytest.raises(ConnectionFailed) as info:
-        transport.run(D.python(script), on_stdout=kill_when_running, on_stderr=c.on_stderr, deadline=soon())
+        transport.run(python(script), on_stdout=kill_when_running, on_stderr=c.on_stderr, deadline=soon())
     assert not isinstance(info.value, DeadlineExceeded)
     with pytest.raises(ConnectionFailed):
-        run(transport, D.exit(0))
+        run(transport, exit_b(0))
 
 
 # --- an asyncssh server in the test: password auth, and server misbehaviour ----------------------------------------
@@ -288,6 +317,10 @@ async def _behave(process: asyncssh.SSHServerProcess[bytes]) -> None:
     command = process.command or ""
     if command.startswith("exit "):
         process.exit(int(command.split()[1]))
+    elif command.startswith("exit-raw "):
+        # asyncssh's own exit() keeps 8 bits; Windows OpenSSH sends the whole 32-bit exit code.
+        process.channel._send_request(b"exit-status", UInt32(int(command.split()[1])))
+        process.channel.close()
     elif command == "signal":
         process.stdout.write(b"bye\n")
         process.exit_with_signal("SEGV", False, "segmentation fault")
@@ -372,6 +405,13 @@ def test_md5_fingerprint_is_accepted(asyncssh_server: AsyncsshServer) -> None:
         assert run(t, "exit 0")[0] == 0
 
 
+@pytest.mark.parametrize("code", [256, 0xC0000005, 0xFFFFFFFF])
+def test_windows_32_bit_exit_codes_are_kept(asyncssh_server: AsyncsshServer, code: int) -> None:
+    with SshTransport(_target(asyncssh_server)) as t:
+        t.connect(soon())
+        assert run(t, f"exit-raw {code}")[0] == code
+
+
 @pytest.mark.parametrize(("command", "message"), [("signal", "signal SEGV"), ("no-status", "without an exit status")])
 def test_missing_exit_status_is_never_success(asyncssh_server: AsyncsshServer, command: str, message: str) -> None:
     with SshTransport(_target(asyncssh_server)) as t:
@@ -411,8 +451,7 @@ def test_emulator_cli_prints_ready_and_stops_on_sigterm(ssh_host: SshHostFixture
         port = int(url.rsplit(":", 1)[1])
         with SshTransport(ssh_host.target_with(port=port, host_key=host_key.split("=", 1)[1])) as t:
             t.connect(soon())
-            if HAVE_CMD:  # the CLI always runs the real cmd.exe emulator
-                assert run(t, D.exit(5))[0] == 5
+            assert run(t, exit_b(5))[0] == 5
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(10) == 0
     finally:

@@ -264,10 +264,17 @@ def _sshd_config(workdir: Path, host_key: Path, authorized: Path, config: SshHos
         "AllowAgentForwarding no",
         "PermitTunnel no",
         "LogLevel ERROR",
-        "SetEnv PYTHONIOENCODING=utf-8",
+        # Sessions find programs (python, tar, ...) as the emulator's own process does; sshd would reset PATH.
+        f'SetEnv "PATH={_session_path()}" PYTHONIOENCODING=utf-8',
         f"ForceCommand {force_command}",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _session_path() -> str:
+    entries = [str(Path(sys.executable).parent), *os.environ.get("PATH", os.defpath).split(os.pathsep)]
+    unique = [e for i, e in enumerate(entries) if e and e not in entries[:i] and '"' not in e]
+    return os.pathsep.join(unique)
 
 
 def _write_private(path: Path, data: bytes) -> None:

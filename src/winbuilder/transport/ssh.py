@@ -21,7 +21,7 @@ import contextlib
 from collections.abc import Awaitable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import asyncssh
 
@@ -99,6 +99,30 @@ class _Client(asyncssh.SSHClient):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.lost = exc
+
+
+class _Process(asyncssh.SSHClientProcess[bytes]):
+    """An ``SSHClientProcess`` that also keeps the full 32-bit ``exit-status`` value (RFC 4254 6.10).
+
+    asyncssh keeps only the low 8 bits, as a Unix exit status has no more; Windows OpenSSH sends the process's whole
+    exit code (``exit /b 256``, ``0xC0000005``), and 256 must not read as 0. The channel dispatches requests by
+    attribute name, so the hook is installed on this channel only, before the ``exec`` request is sent.
+    """
+
+    raw_exit_status: int | None = None
+
+    def connection_made(self, chan: Any) -> None:
+        super().connection_made(chan)
+        original = chan._process_exit_status_request
+
+        def record(packet: Any) -> bool:
+            payload: bytes = packet.get_remaining_payload()
+            if len(payload) == 4:
+                self.raw_exit_status = int.from_bytes(payload, "big")
+            result: bool = original(packet)
+            return result
+
+        chan._process_exit_status_request = record
 
 
 def _no_known_hosts(host: str, addr: str, port: int | None) -> tuple[list[Any], list[Any], list[Any]]:
@@ -213,7 +237,7 @@ class SshTransport:
                 it), the channel is closed, and ``DeadlineExceeded`` is raised.
 
         Returns:
-            The exit status, 0..255 as OpenSSH reports it (Windows OpenSSH truncates larger codes the same way).
+            The exit status, 0..2**32-1: Windows OpenSSH reports the process's full exit code.
 
         Raises:
             DeadlineExceeded: the deadline passed; the channel was closed.
@@ -239,16 +263,19 @@ class SshTransport:
                    on_stdout: OutputCallback, on_stderr: OutputCallback, stdin: Iterable[bytes] | None,
                    deadline: float | None) -> int:
         when = None if deadline is None else self._loop.time() + remaining(deadline)
-        proc: asyncssh.SSHClientProcess[bytes] | None = None
+        proc: _Process | None = None
         try:
             async with asyncio.timeout_at(when):
                 try:
                     self._requests += 1
-                    proc = await conn.create_process(command_line, encoding=None, request_pty=False)
+                    _chan, session = await conn.create_session(_Process, command_line, encoding=None,
+                                                               request_pty=False)
+                    proc = cast(_Process, session)
                 except asyncssh.ChannelOpenError as exc:
                     raise ConnectionFailed(f"SSH server {self._where} refused a session: {exc.reason}") from exc
                 await self._pump_all(proc, on_stdout, on_stderr, stdin)
                 await proc.wait_closed()
+            done = proc
         except TimeoutError as exc:
             if proc is not None:
                 await self._abort(proc)
@@ -258,20 +285,21 @@ class SshTransport:
             if proc is not None:
                 proc.close()
             raise
-        signal_info = proc.exit_signal
+        signal_info = done.exit_signal
         if signal_info is not None:
             name, core_dumped, message, _lang = signal_info
             detail = f" ({message.strip()})" if message.strip() else ""
             raise ProtocolError(f"command on {self._where} was killed by signal {name}"
                                 f"{' (core dumped)' if core_dumped else ''}{detail}")
-        status = proc.exit_status
+        status: int | None = done.exit_status
         if status is None:
             if client.closed:
                 raise ConnectionFailed(f"connection to {self._where} dropped before the command finished",
                                        "its exit code is unknown; rerun the build")
             raise ProtocolError(f"SSH channel on {self._where} closed without an exit status",
                                 "the command's exit code is unknown")
-        return int(status)
+        raw = done.raw_exit_status
+        return raw if raw is not None and raw & 0xFF == status else int(status)
 
     async def _pump_all(self, proc: asyncssh.SSHClientProcess[bytes], on_stdout: OutputCallback,
                         on_stderr: OutputCallback, stdin: Iterable[bytes] | None) -> None:
