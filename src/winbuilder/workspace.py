@@ -44,7 +44,7 @@ from pathlib import Path
 from types import MappingProxyType, TracebackType
 from typing import Literal
 
-from winbuilder.errors import ProtocolError, UsageError, WinbuilderError, WorkspaceError
+from winbuilder.errors import DeadlineExceeded, ProtocolError, UsageError, WinbuilderError, WorkspaceError
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
@@ -218,6 +218,8 @@ def _show(path: str) -> str:
 
 def _fold(name: str) -> str:
     """Case-fold roughly like NTFS' upcase table: per character, and only where it maps to one character."""
+    if name.isascii():
+        return name.upper()
     out = []
     for c in name:
         up = c.upper()
@@ -252,6 +254,8 @@ def _symlink_problem(root_real: str, rel: str, target: str) -> str:
         return "symlink with an empty target"
     if target.startswith("/"):
         return f"symlink to an absolute path ({_show(target)})"
+    if "\\" in target or re.match(r"^[A-Za-z]:", target):
+        return f"symlink target with a backslash or drive letter ({_show(target)}; Windows reads it as a path)"
     lexical = posixpath.normpath(posixpath.join(posixpath.dirname(rel), target))
     if lexical == ".." or lexical.startswith("../"):
         return f"symlink points outside the workspace ({_show(target)})"
@@ -277,8 +281,9 @@ def preflight(
       COM/LPT with superscript 1-3 (``aux.c``, ``Nul.txt``);
     * names ending in a dot or a space; names with ``<>:"|?*\\`` or control characters 0-31; names that
       are not valid UTF-8 or longer than 255 UTF-16 code units;
-    * symlinks that are absolute, empty, or point (lexically or through other links) outside the
-      workspace: these are errors, not skipped, so nothing silently goes missing on the server;
+    * symlinks that are absolute, empty, have a backslash or drive letter in the target, or point
+      (lexically or through other links) outside the workspace: these are errors, not skipped, so
+      nothing silently goes missing on the server;
     * files or directories that cannot be read.
 
     Warnings only (logged and returned in ``Manifest.warnings``): paths longer than ``MAX_PATH`` once put
@@ -340,13 +345,14 @@ def preflight(
         twins: dict[str, list[str]] = {}
         for de, _rel, _st in kept:
             twins.setdefault(_fold(de.name), []).append(de.name)
+        clashing = {key: names for key, names in twins.items() if len(names) > 1}
 
         subdirs: list[str] = []
         for de, rel, st in kept:
             for reason in _name_problems(de.name):
                 problems.append(Problem(rel, reason))
-            group = twins[_fold(de.name)]
-            if len(group) > 1:
+            group = clashing.get(_fold(de.name)) if clashing else None
+            if group:
                 others = ", ".join(_show(n) for n in group if n != de.name)
                 problems.append(Problem(rel, f"differs only in case from {others} (Windows names ignore case)"))
             if prefix_len + len(rel.encode("utf-16-le", "surrogatepass")) // 2 >= MAX_PATH:
@@ -454,7 +460,8 @@ class ArchiveStream(Iterator[bytes]):
 
     def _flush(self, final: bool = False) -> Iterator[bytes]:
         while len(self._buf) >= self._chunk:
-            out = bytes(self._buf[: self._chunk])
+            with memoryview(self._buf) as view:
+                out = bytes(view[: self._chunk])
             del self._buf[: self._chunk]
             yield out
         if final and self._buf:
@@ -710,7 +717,7 @@ class Extractor:
     thread parses it with :mod:`tarfile` in stream mode (``r|``) and writes files as they arrive. Memory
     is bounded: :meth:`feed` blocks while ``max_buffer`` bytes are queued. Call :meth:`close` at end of
     stream for the result, or :meth:`abort` when the transfer failed. As a context manager, leaving the
-    block with an exception aborts.
+    block with an exception, or without calling :meth:`close`, aborts.
 
     Copy-back semantics:
 
@@ -730,6 +737,8 @@ class Extractor:
     * A stream that ends early (mid-member, or without the two zero blocks that end a tar archive)
       raises :class:`ProtocolError`, never success. Files completed before the failure stay.
     * Members matching ``excludes`` (same patterns as :func:`preflight`) are skipped.
+    * Memory: the queue holds at most ``max_buffer`` bytes (plus one chunk) and tar parsing a few
+      records; the only state kept per member is the set of extracted file names (for hard links).
 
     Args:
         dest: the local workspace root (created if missing).
@@ -794,8 +803,6 @@ class Extractor:
             self._pipe.end()
         self._thread.join(timeout)
         if self._thread.is_alive():
-            from winbuilder.errors import DeadlineExceeded
-
             self.abort()
             raise DeadlineExceeded("copy-back extraction did not finish in time", "")
         if self._error is not None:
@@ -866,7 +873,9 @@ class Extractor:
         while pipe.read(_RECORD):
             pass  # drain trailing record padding so the transport never blocks
         for rel, mode in reversed(self._new_dirs):
-            os.chmod(os.path.join(self._dest, rel), mode, follow_symlinks=False)
+            path = os.path.join(self._dest_real, rel)
+            if not os.path.islink(path):
+                os.chmod(path, mode)
         self._result = ExtractResult(self._files, self._bytes, self._dirs, self._links, self._skipped,
                                      pipe.position)
 
