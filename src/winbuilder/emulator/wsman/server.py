@@ -75,7 +75,7 @@ class HostConfig:
 
     user: str
     password: str | None = field(default=None, repr=False)
-    root: Path | None = None
+    root: Path | str | None = None
     https: bool = True
     rtt: float = 0.0
     max_envelope_kb: int = 500
