@@ -24,7 +24,7 @@ from pypsrp.exceptions import AuthenticationError, WinRMTransportError, WSManFau
 from pypsrp.shell import Process, SignalCode, WinRS
 from pypsrp.wsman import WSMan
 
-from tests.fixtures.wsman import STAND_IN, WINRM_PASSWORD, WINRM_USER, WinrmHostFixture
+from tests.fixtures.wsman import HAVE_CMD, STAND_IN, WINRM_PASSWORD, WINRM_USER, WinrmHostFixture
 from winbuilder.emulator import tls
 from winbuilder.emulator.wsman import envelope as env
 from winbuilder.emulator.wsman.faults import FaultRule, FaultSchedule
@@ -110,6 +110,27 @@ def test_http_refuses_unencrypted(winrm_http_host: WinrmHostFixture) -> None:
 def test_https_fixture_uses_default_interpreter_when_present(winrm_host: WinrmHostFixture) -> None:
     with client(winrm_host) as wsman, WinRS(wsman) as shell:
         assert run(shell, "exit /b 7").rc == 7
+
+
+@pytest.mark.skipif(not HAVE_CMD, reason="winbuilder.emulator.cmd not available yet")
+def test_real_cmd_emulator(winrm_host: WinrmHostFixture) -> None:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        info = tarfile.TarInfo("src/main.go")
+        info.size = 5
+        tar.addfile(info, io.BytesIO(b"hello"))
+    with client(winrm_host) as wsman, WinRS(wsman, codepage=65001) as shell:
+        p = run(shell, "echo %USERNAME% & cd")
+        assert p.stdout.split() == [b"builder", b"C:\\Users\\builder"]
+        assert run(shell, "exit /b 3221225477").rc == 3221225477
+        assert run(shell, "md C:\\ws").rc == 0
+        p = Process(shell, "tar.exe", ["-xf", "-", "-C", "C:\\ws"])
+        p.begin_invoke()
+        p.send(buf.getvalue(), end=True)
+        p.end_invoke()
+        assert p.rc == 0, p.stderr
+        assert run(shell, "type C:\\ws\\src\\main.go").stdout == b"hello"
+    assert (winrm_host.root / "C" / "ws" / "src" / "main.go").read_bytes() == b"hello"
 
 
 # -- streaming -----------------------------------------------------------------------------------------------

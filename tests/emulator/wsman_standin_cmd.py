@@ -17,6 +17,7 @@ def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--root", required=True)
     p.add_argument("--cwd", required=True)
+    p.add_argument("--user", default="")
     p.add_argument("--exit-code-file", required=True)
     p.add_argument("-c", dest="line", required=True)
     a = p.parse_args()

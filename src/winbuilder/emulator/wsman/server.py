@@ -154,7 +154,7 @@ class Host:
         self._state_dir = Path(tempfile.mkdtemp(prefix="wb-wsman-"))
         self.shells = ShellTable(
             Limits(config.max_shells, config.max_ops, config.max_timeout_ms / 1000.0),
-            Launch(config.interpreter or default_interpreter(), self.root, self._state_dir),
+            Launch(config.interpreter or default_interpreter(), self.root, self._state_dir, config.user),
             default_workdir=f"C:\\Users\\{config.user}")
         self._bundle: tls.CertBundle | None = None
         self.ssl_context: ssl.SSLContext | None = None

@@ -59,14 +59,16 @@ class Launch:
     """How to start the emulated ``cmd.exe``.
 
     Attributes:
-        interpreter: argv prefix; the server appends ``--root R --cwd W --exit-code-file F -c LINE``.
+        interpreter: argv prefix; the server appends ``--root R --user U --cwd W --exit-code-file F -c LINE``.
         root: the sandbox directory holding the drive letters (``C:\\`` is ``root/C``).
         state_dir: private directory for exit-code files.
+        user: the Windows user name the commands run as.
     """
 
     interpreter: tuple[str, ...]
     root: Path
     state_dir: Path
+    user: str
 
 
 @dataclass(frozen=True)
@@ -127,8 +129,8 @@ class Command:
         exit_file = launch.state_dir / f"exit-{cid}"
         child_env = {k: v for k, v in os.environ.items() if k not in _SECRET_ENV}
         child_env.update(env)
-        argv = [*launch.interpreter, "--root", str(launch.root), "--cwd", cwd, "--exit-code-file", str(exit_file),
-                "-c", line]
+        argv = [*launch.interpreter, "--root", str(launch.root), "--user", launch.user, "--cwd", cwd,
+                "--exit-code-file", str(exit_file), "-c", line]
         proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 cwd=launch.root, env=child_env, start_new_session=True, bufsize=0)
         return cls(cid, proc, exit_file)
