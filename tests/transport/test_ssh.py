@@ -244,8 +244,9 @@ def test_no_host_key_is_a_security_error_with_a_hint(ssh_host: SshHostFixture) -
 
 def test_wrong_host_key_fingerprint_is_refused(ssh_host: SshHostFixture) -> None:
     other = "SHA256:" + "A" * 43
-    with SshTransport(ssh_host.target_with(host_key=other)) as t, pytest.raises(SecurityError):
+    with SshTransport(ssh_host.target_with(host_key=other)) as t, pytest.raises(SecurityError) as info:
         t.connect(soon())
+    assert ssh_host.host.host_key_fingerprint in str(info.value), "the message names the key the server offered"
 
 
 def test_wrong_known_hosts_entry_is_refused(ssh_host: SshHostFixture, tmp_path: Path) -> None:
@@ -253,6 +254,13 @@ def test_wrong_known_hosts_entry_is_refused(ssh_host: SshHostFixture, tmp_path: 
     known = tmp_path / "known_hosts"
     known.write_text(f"[{ssh_host.host.host}]:{ssh_host.host.port} {other}")
     with SshTransport(ssh_host.target_with(host_key=None, known_hosts=known)) as t, pytest.raises(SecurityError):
+        t.connect(soon())
+
+
+def test_missing_key_file_or_credential_is_a_usage_error(ssh_host: SshHostFixture, tmp_path: Path) -> None:
+    with SshTransport(ssh_host.target_with(key_path=tmp_path / "nope")) as t, pytest.raises(UsageError):
+        t.connect(soon())
+    with SshTransport(ssh_host.target_with(key_path=None)) as t, pytest.raises(UsageError):
         t.connect(soon())
 
 

@@ -299,6 +299,7 @@ def _wait_ready(process: subprocess.Popen[bytes], host: str, port: int, deadline
         try:
             with socket.create_connection((host, port), timeout=1.0) as s:
                 if s.recv(8).startswith(b"SSH-2.0"):
+                    s.sendall(b"SSH-2.0-winbuilder-probe\r\n")  # a well-formed hello keeps sshd's log quiet
                     return process.poll() is None
         except OSError:
             pass

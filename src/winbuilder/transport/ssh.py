@@ -53,14 +53,14 @@ _HOST_KEY_HINT = "pass --host-key SHA256:... or --known-hosts FILE"
 _T = TypeVar("_T")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SshTarget:
-    """Where and how to log in over SSH.
+    """Where and how to log in over SSH (keyword arguments only).
 
     Attributes:
         host: host name or address.
-        user: login user.
         port: TCP port.
+        user: login user.
         password: password for ``password``/``keyboard-interactive`` auth (RFC 4252 8); secret, never shown.
         key_path: OpenSSH/PEM private key file for ``publickey`` auth (RFC 4252 7).
         known_hosts: OpenSSH known_hosts file whose entries for ``[host]:port`` (or ``host`` on port 22) are trusted.
@@ -70,8 +70,8 @@ class SshTarget:
     """
 
     host: str
-    user: str
     port: int = 22
+    user: str
     password: str | None = field(default=None, repr=False)
     key_path: Path | None = None
     known_hosts: Path | None = None
@@ -86,8 +86,11 @@ class _Client(asyncssh.SSHClient):
         self._fingerprint = fingerprint
         self.lost: Exception | None = None
         self.closed = False
+        self.offered: str | None = None
+        """SHA256 fingerprint of a host key that was not in known_hosts (for the error message)."""
 
     def validate_host_public_key(self, host: str, addr: str, port: int, key: asyncssh.SSHKey) -> bool:
+        self.offered = key.get_fingerprint("sha256")
         if self._fingerprint is None:
             return False
         algorithm = "md5" if self._fingerprint.upper().startswith("MD5:") else "sha256"
@@ -179,6 +182,8 @@ class SshTransport:
             raise SecurityError(f"no host key to verify {target.host}:{target.port} against", _HOST_KEY_HINT)
         if target.password is None and target.key_path is None:
             raise UsageError(f"no SSH credential for {self._where}", "pass a private key file or a password")
+        if target.known_hosts is not None and not target.known_hosts.is_file():
+            raise UsageError(f"known_hosts file {target.known_hosts} does not exist")
         if self._conn is not None:
             return
         client_keys: list[asyncssh.SSHKey] | None = None
@@ -191,7 +196,12 @@ class SshTransport:
         methods = (["publickey"] if client_keys else []) + (
             ["keyboard-interactive", "password"] if target.password is not None else [])
         self._client = client
-        self._conn = self._call(self._connect(client, client_keys, methods, deadline), "connect")
+        try:
+            self._conn = self._call(self._connect(client, client_keys, methods, deadline), "connect")
+        except SecurityError as exc:
+            if client.offered:
+                exc.message += f"; it offered {client.offered}"
+            raise
 
     async def _connect(self, client: _Client, client_keys: list[asyncssh.SSHKey] | None, methods: list[str],
                        deadline: float) -> asyncssh.SSHClientConnection:
