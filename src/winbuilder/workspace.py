@@ -273,6 +273,8 @@ def preflight(
 ) -> Manifest:
     """Walk the workspace, apply exclude patterns, and check that Windows can hold every path.
 
+    The name rules follow Microsoft's "Naming Files, Paths, and Namespaces" (Win32 file namespace, as
+    bsdtar's ``tar.exe`` creates files through it).
     Symlinks are recorded as links, never followed (a symlink to a directory is one entry). Errors (all
     collected, then raised together):
 
@@ -306,7 +308,7 @@ def preflight(
     rules = _compile_excludes(excludes)
     root = Path(root)
     if not root.is_dir():
-        raise WorkspaceError(f"workspace {_show(str(root))} is not a directory", "check the --workspace path")
+        raise WorkspaceError(f"workspace {_show(str(root))} is not a directory", "check the workspace path")
     root_real = os.path.realpath(root)
     prefix_len = len(remote_root.rstrip("\\")) + 1
 
@@ -375,9 +377,7 @@ def preflight(
                 if reason:
                     problems.append(Problem(rel, reason))
                     continue
-                if not os.path.lexists(os.path.join(os.path.dirname(de.path), target)) or not os.path.exists(
-                    de.path
-                ):
+                if not os.path.exists(de.path):
                     warn(f"{_show(rel)}: symlink target {_show(target)} does not exist")
                 links += 1
                 entries.append(Entry(rel, "symlink", 0, mode, st.st_mtime, target, os.path.isdir(de.path)))
@@ -558,6 +558,9 @@ def archive(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> ArchiveStream:
     """Stream the workspace as a PAX tar archive, for ``tar -xf - -C <dir>`` (bsdtar or GNU tar).
+
+    The format is the POSIX.1-2001 pax interchange format (ustar headers plus extended headers), written
+    with :meth:`tarfile.TarInfo.tobuf`; file bodies are streamed here, padded to 512-byte blocks.
 
     Members come in manifest order (a directory before its contents), then ``extra``. Each keeps its
     UTF-8 name (long and non-ASCII names go in PAX extended headers), permission bits and mtime (whole
