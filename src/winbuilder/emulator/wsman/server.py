@@ -207,7 +207,7 @@ class Host:
         with self._stats.lock:
             out: dict[str, Any] = {"requests": dict(self._stats.actions)}
             for key in ("http_requests", "bytes_in", "bytes_out", "auth_failures", "connections",
-                        "connections_refused", "connection_errors", "faults_injected"):
+                        "connections_refused", "connection_errors", "faults_injected", "internal_errors"):
                 out[key] = self._stats.counters.get(key, 0)
         out.update(self.shells.counts())
         return out
@@ -275,6 +275,10 @@ class Host:
             return 200, self._perform(req, client_ip), disposition
         except env.Fault as fault:
             return fault.http_status, env.build_fault(fault, relates, MACHINE), "reply"
+        except Exception as exc:  # an emulator bug must still produce a well-formed answer
+            self._stats.add("internal_errors")
+            internal = env.Fault(0x80004005, "InternalError", f"Internal error in the emulator: {type(exc).__name__}")
+            return 500, env.build_fault(internal, relates, MACHINE), "reply"
 
     def _perform(self, req: env.Request, client_ip: str) -> bytes:
         action, rid = req.action, req.message_id
