@@ -105,6 +105,53 @@ class TargetSpec:
 
 
 @dataclass(frozen=True)
+class GceSpec:
+    """How to create the Windows server on Compute Engine (``winbuilder run`` without ``--host``).
+
+    Attributes:
+        project: project id (``--project``, else ``$PROJECT_ID``, else the ADC project; resolved by the CLI).
+        zone: one zone, or None to pick (and fall back) across the zones of ``region``.
+        region: used when ``zone`` is None.
+        image: family name, ``ltsc2019``/``ltsc2022``/``ltsc2025``, or an image path/URL (never a dated name).
+        machine_type: e.g. ``e2-standard-4`` (4 vCPU: fit for ``docker build``).
+        boot_disk_gb: boot disk size in GB; boot_disk_type: ``pd-balanced``, ``pd-ssd``...
+        spot: ``provisioningModel: SPOT``.
+        service_account: email, or None for no service account on the VM; scopes: its OAuth scopes.
+        labels: extra labels; tags: extra network tags.
+        network, subnetwork: names or paths/URLs (Shared VPC); None = the project's ``default``.
+        internal_ip: no external address and no firewall rule; connect to the internal IP.
+        allow_from: source CIDRs of the per-run firewall rule; empty = the caller's egress address.
+        egress_ip_url: a URL answering the caller's address as plain text.
+        max_run_duration: seconds after which Compute Engine itself deletes the VM (``scheduling.maxRunDuration``).
+        boot_timeout: seconds to wait for the password, the TLS pin and WinRM after the VM exists.
+        compute_endpoint: Compute API endpoint (an emulator), or None for Google's.
+        user: the Windows account the guest agent creates.
+    """
+
+    project: str
+    zone: str | None = None
+    region: str | None = "us-central1"
+    image: str = "ltsc2022"
+    machine_type: str = "e2-standard-4"
+    boot_disk_gb: int = 128
+    boot_disk_type: str = "pd-balanced"
+    spot: bool = False
+    service_account: str | None = None
+    scopes: tuple[str, ...] = ("https://www.googleapis.com/auth/cloud-platform",)
+    labels: tuple[tuple[str, str], ...] = ()
+    tags: tuple[str, ...] = ()
+    network: str | None = None
+    subnetwork: str | None = None
+    internal_ip: bool = False
+    allow_from: tuple[str, ...] = ()
+    egress_ip_url: str = "https://checkip.amazonaws.com"
+    max_run_duration: float = 6 * 3600.0
+    boot_timeout: float = 25 * 60.0
+    compute_endpoint: str | None = None
+    user: str = "winbuilder"
+
+
+@dataclass(frozen=True)
 class RunSpec:
     """One build: where, what, and what moves.
 
@@ -134,11 +181,12 @@ class RunSpec:
     report: Path | None = None
     keep_on_failure: bool = False
     run_id: str = ""
+    gce: GceSpec | None = None
 
     def __post_init__(self) -> None:
         if not self.command.strip():
             raise UsageError("the command is empty", "pass --command 'build.cmd' or the words after --")
-        if self.shell == "cmd" and len(self.command) + len(self.remote_dir) + 16 > CMD_LINE_MAX:
+        if self.shell == "cmd" and len(self.command) + 3 * len(self.remote_dir) + 64 > CMD_LINE_MAX:
             raise UsageError(
                 f"the command is {len(self.command)} characters; cmd.exe truncates lines at {CMD_LINE_MAX}",
                 "put it in a script in the workspace, or use --shell powershell (sent as a file)")
