@@ -5,12 +5,17 @@ request on its own session channel, without a pty (a pty would turn output into 
 stderr into stdout).
 
 Design: the transport owns one private asyncio event loop and drives it with ``run_until_complete`` from the calling
-thread, so output callbacks and the stdin iterator run in the caller's thread and no background thread is left
-behind. The stdin iterator is advanced in a one-thread executor so a slow iterator never stalls output or the
-deadline. Consequently the public methods must not be called from inside a running event loop.
+thread, so output callbacks run in the caller's thread and no event-loop thread is left behind. The stdin iterator
+is advanced in a one-thread executor, so a slow iterator never stalls output or the deadline. The public methods
+must therefore not be called from inside a running event loop.
 
-Host keys are verified during key exchange, before any credential is sent (asyncssh checks the host key when it
-processes the server's key exchange reply, RFC 4253 8, and only then starts user authentication, RFC 4252).
+* Host keys are verified during key exchange, before any credential is sent: asyncssh checks the key when it
+  processes the server's key exchange reply (RFC 4253 8) and only then starts user authentication (RFC 4252).
+  ``test_host_key_mismatch_is_refused_before_any_credential`` pins this.
+* Exit codes: Windows OpenSSH sends the process's whole 32-bit exit code in ``exit-status``; asyncssh keeps 8 bits,
+  so ``_Process`` records the raw value (256 must never read as 0).
+* Deadline: the channel is closed (and a KILL ``signal`` request sent, which OpenSSH honours only for non-forced
+  commands). What the server then does with the process is its business; the emulated host kills it.
 """
 
 from __future__ import annotations
