@@ -58,16 +58,18 @@ from __future__ import annotations
 import os
 import re
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING
 
 from winbuilder.emulator import paths
+
+if TYPE_CHECKING:  # subprocess is imported on first use: lines made only of built-ins start faster
+    import subprocess
 
 MAX_LINE = 8191
 """cmd.exe's maximum command line length in characters; longer lines are truncated."""
@@ -742,14 +744,12 @@ def _condition(cond: Condition, shell: Shell) -> bool:
             result = a == b
         else:
             na, nb = _number(a), _number(b)
-            result = _compare(cond.op, na, nb) if na is not None and nb is not None else _compare(cond.op, a, b)
+            both = na is not None and nb is not None
+            result = _compare(cond.op, (na or 0, "") if both else (0, a), (nb or 0, "") if both else (0, b))
     return result != cond.negate
 
 
-_T = TypeVar("_T", int, str)
-
-
-def _compare(op: str, x: _T, y: _T) -> bool:
+def _compare(op: str, x: tuple[int, str], y: tuple[int, str]) -> bool:
     return {"EQU": x == y, "NEQ": x != y, "LSS": x < y, "LEQ": x <= y, "GTR": x > y, "GEQ": x >= y}[op]
 
 
@@ -951,6 +951,8 @@ def _run_program(text: str, shell: Shell, io: Streams) -> int:
     if where is None:
         _write(io.stderr, _NOT_RECOGNIZED.format(argv[0]))
         return NOT_FOUND_CODE
+    import subprocess
+
     env = {name: value for name, value in shell.env.values()}
     env["PATH"] = shell.host_path
     for var, unix in (("USERPROFILE", "HOME"), ("TEMP", "TMPDIR")):
@@ -1837,19 +1839,48 @@ def _kill_children(deadline_s: float = 2.0) -> None:
         time.sleep(0.005)
 
 
+_USAGE = (
+    "usage: python -m winbuilder.emulator.cmd --root SANDBOX [--cwd WINDIR] [--user USER]\n"
+    "                                         [--exit-code-file PATH] [-c COMMAND_LINE]\n"
+)
+
+
+def _parse_argv(argv: list[str]) -> dict[str, str]:
+    """Tiny option parser (argparse costs ~20 ms of start-up, which hundreds of ``echo >>`` calls feel).
+
+    Raises:
+        SystemExit: with status 2 and a usage message on bad arguments.
+    """
+    names = {"--root": "root", "--cwd": "cwd", "--user": "user", "--exit-code-file": "exit_code_file", "-c": "command"}
+    opts: dict[str, str] = {}
+    i = 0
+    while i < len(argv):
+        flag, eq, value = argv[i].partition("=")
+        if argv[i] in ("-h", "--help"):
+            sys.stdout.write(_USAGE)
+            raise SystemExit(0)
+        if flag not in names or (not eq and i + 1 >= len(argv)):
+            sys.stderr.write(_USAGE + f"error: unexpected argument {argv[i]!r}\n")
+            raise SystemExit(2)
+        if not eq:
+            i += 1
+            value = argv[i]
+        opts[names[flag]] = value
+        i += 1
+    if "root" not in opts:
+        sys.stderr.write(_USAGE + "error: --root is required\n")
+        raise SystemExit(2)
+    return opts
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point (see the module docstring). Returns the process exit status (code & 0xFF)."""
-    import argparse
+    """Command-line entry point (see the module docstring). Returns the process exit status (code & 0xFF).
 
-    parser = argparse.ArgumentParser(prog="python -m winbuilder.emulator.cmd", description="Emulated cmd.exe /c.")
-    parser.add_argument("--root", required=True, help="sandbox directory (C:\\ is ROOT/C)")
-    parser.add_argument("--cwd", default=None, help="initial Windows directory (default C:\\Users\\USER)")
-    parser.add_argument("--user", default=None, help="Windows user name (default $USERNAME, $USER)")
-    parser.add_argument("--exit-code-file", default=None, help="write the full 32-bit exit code here")
-    parser.add_argument("-c", dest="command", default=None, help="the command line (default SSH_ORIGINAL_COMMAND)")
-    args = parser.parse_args(argv)
-
-    exit_file: str | None = args.exit_code_file
+    Raises:
+        SystemExit: on bad arguments (status 2).
+    """
+    opts = _parse_argv(sys.argv[1:] if argv is None else argv)
+    exit_file = opts.get("exit_code_file")
 
     def finish(code: int) -> int:
         if exit_file:
@@ -1865,11 +1896,11 @@ def main(argv: list[str] | None = None) -> int:
         os._exit(SIGTERM_CODE)
 
     signal.signal(signal.SIGTERM, on_sigterm)
-    user = args.user or os.environ.get("USERNAME") or os.environ.get("USER") or "user"
-    root = Path(args.root).resolve()
-    shell = make_shell(root, user, args.cwd)
-    if args.command is not None:
-        line = args.command
+    user = opts.get("user") or os.environ.get("USERNAME") or os.environ.get("USER") or "user"
+    root = Path(opts["root"]).resolve()
+    shell = make_shell(root, user, opts.get("cwd"))
+    if "command" in opts:
+        line = opts["command"]
     else:
         original = os.environ.get("SSH_ORIGINAL_COMMAND")
         if original is None:
