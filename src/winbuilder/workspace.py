@@ -787,6 +787,11 @@ class Extractor:
                 raise self._error
             raise ProtocolError("copy-back archive ended, but more data followed", "")
 
+    @property
+    def bytes_in(self) -> int:
+        """Archive bytes the extraction has consumed so far (for progress display)."""
+        return self._pipe.position
+
     def close(self, timeout: float | None = None) -> ExtractResult:
         """Signal end of stream, wait for the extraction to finish, and return its counts.
 
