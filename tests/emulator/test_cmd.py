@@ -381,6 +381,18 @@ def test_batch_file(root: Path) -> None:
     assert res.stdout.endswith(b"block\r\nafter 0\r\n")
 
 
+def test_batch_exit_and_echo(root: Path) -> None:
+    (root / "C" / "ws").mkdir(parents=True)
+    (root / "C" / "ws" / "b1.bat").write_bytes(b"echo in %1\r\nexit 7\r\necho never\r\n")
+    res = run(root, "C:\\ws\\b1.bat hi & echo not reached")  # `exit` without /b ends cmd itself
+    assert res.stdout == b"\r\nC:\\Users\\builder>echo in hi\r\nin hi\r\n\r\nC:\\Users\\builder>exit 7\r\n"
+    assert res.returncode == 7
+    res = run(root, "cmd /c exit 7 & cmd /c \"exit /b 8\" || echo nested-failed %ERRORLEVEL%")
+    assert (res.stdout, res.returncode) == (b"nested-failed 0\r\n", 8)
+    res = run(root, "set /a 1/0")
+    assert (res.stderr, res.returncode) == (b"Divide by zero error.\r\n", 1073750993 & 0xFF)
+
+
 def test_ssh_original_command(root: Path) -> None:
     # Windows OpenSSH runs `cmd.exe /c <command>`: the leading and the last quote go.
     res = run(root, None, env={"SSH_ORIGINAL_COMMAND": '"echo a" & "exit" /b 4'})

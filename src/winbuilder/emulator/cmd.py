@@ -64,12 +64,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from winbuilder.emulator import paths
-
-if TYPE_CHECKING:  # subprocess is imported on first use: lines made only of built-ins start faster
-    import subprocess
 
 MAX_LINE = 8191
 """cmd.exe's maximum command line length in characters; longer lines are truncated."""
@@ -938,7 +934,8 @@ def _find(name: str, shell: Shell) -> tuple[str, Path | None]:
     return "", None
 
 
-_CHILDREN: set[subprocess.Popen[bytes]] = set()
+_CHILDREN: set[int] = set()
+"""Pids of the running child programs (subprocess is imported on first use: built-in-only lines start faster)."""
 
 
 def _run_program(text: str, shell: Shell, io: Streams) -> int:
@@ -972,11 +969,11 @@ def _run_program(text: str, shell: Shell, io: Streams) -> int:
     except OSError:
         _write(io.stderr, _NOT_RECOGNIZED.format(argv[0]))
         return NOT_FOUND_CODE
-    _CHILDREN.add(proc)
+    _CHILDREN.add(proc.pid)
     try:
         rc = proc.wait()
     finally:
-        _CHILDREN.discard(proc)
+        _CHILDREN.discard(proc.pid)
     return 1 if rc < 0 else rc
 
 
@@ -1011,8 +1008,9 @@ def _cd(rest: str, shell: Shell, io: Streams) -> int:
         _write(io.stdout, (shell.cwd if arg[0].upper() == shell.cwd[0] else arg.upper() + "\\") + "\r\n")
         return 0
     target = paths.normalize(arg, shell.cwd)
-    if not shell.host(target).is_dir():
-        _write(io.stderr, _NO_PATH)
+    host = shell.host(target)
+    if not host.is_dir():
+        _write(io.stderr, "The directory name is invalid.\r\n" if host.exists() else _NO_PATH)
         return 1
     if switch or target[0] == shell.cwd[0]:
         shell.cwd = target
@@ -1116,6 +1114,9 @@ def _set_p(arg: str, shell: Shell, io: Streams) -> int:
 def _set_a(expr: str, shell: Shell, io: Streams) -> int:
     try:
         value = _Arith(expr.replace('"', ""), shell).run()
+    except ZeroDivisionError:
+        _write(io.stderr, "Divide by zero error.\r\n")
+        return 1073750993
     except (ArithmeticError, ValueError, IndexError):
         _write(io.stderr, "Missing operand.\r\n")
         return 1
@@ -1815,9 +1816,9 @@ def _kill_children(deadline_s: float = 2.0) -> None:
     that is being killed can still be completing a ``fork``.
     """
     me = os.getpid()
-    for proc in list(_CHILDREN):
+    for pid in list(_CHILDREN):
         with suppress(OSError):
-            proc.kill()
+            os.kill(pid, signal.SIGKILL)
     if os.getpgrp() != me:
         return
     deadline = time.monotonic() + deadline_s
@@ -1907,7 +1908,14 @@ def main(argv: list[str] | None = None) -> int:
             return finish(0)
         line = strip_slash_c_quotes(original, False, lambda name: _find(name, shell)[0] != "")
     shell.env.pop("SSH_ORIGINAL_COMMAND", None)
-    return finish(run_line(line, shell, Streams()))
+    try:
+        code = run_line(line, shell, Streams())
+    except Exception:  # an emulator bug: show it, and still report an exit code
+        import traceback
+
+        _write(2, traceback.format_exc())
+        code = 1
+    return finish(code)
 
 
 if __name__ == "__main__":
