@@ -43,7 +43,9 @@ community for cmd.exe):
 * Batch files (``.cmd``/``.bat`` found by path, in the current directory or with PATHEXT): lines run in order with
   batch-mode ``%`` expansion (``%%``, ``%0``-``%9``, ``%*``, ``%~dpnx1``), ``@``, ``echo on/off``, labels,
   ``goto``, ``call :label``, ``exit /b``, ``shift`` and ``setlocal [EnableDelayedExpansion]``/``endlocal``
-  (``!VAR!``). Not supported: ``for``. A batch started without ``call`` returns like ``call``.
+  (``!VAR!``). A batch started without ``call`` returns like ``call``.
+* Not supported: ``for``, ``dir`` (the host's ``dir`` runs instead), ``set /p`` prompts beyond one line, per-drive
+  current directories, ``&``-chains inside a ``for``-style re-parse, 8.3 names, NTFS case-insensitivity.
 * Anything else runs from the host ``PATH`` of the interpreter's own environment (``set PATH`` does not change
   the lookup), with a trailing ``.exe`` stripped (``tar.exe`` -> ``tar``; ``C:\Windows\System32\tar.exe`` ->
   ``tar``), arguments split with the MSVCRT rules, arguments that are drive paths (``C:\ws``, ``c:/x``,
