@@ -45,7 +45,7 @@ community for cmd.exe):
   ``goto``, ``call :label``, ``exit /b``, ``shift`` and ``setlocal [EnableDelayedExpansion]``/``endlocal``
   (``!VAR!``). A batch started without ``call`` returns like ``call``.
 * Not supported: ``for``, ``dir`` (the host's ``dir`` runs instead), ``set /p`` prompts beyond one line, per-drive
-  current directories, ``&``-chains inside a ``for``-style re-parse, 8.3 names, NTFS case-insensitivity.
+  current directories, 8.3 names, NTFS case-insensitivity.
 * Anything else runs from the host ``PATH`` of the interpreter's own environment (``set PATH`` does not change
   the lookup), with a trailing ``.exe`` stripped (``tar.exe`` -> ``tar``; ``C:\Windows\System32\tar.exe`` ->
   ``tar``), arguments split with the MSVCRT rules, arguments that are drive paths (``C:\ws``, ``c:/x``,
