@@ -235,17 +235,20 @@ def step_copy_back(ctx: RunContext) -> None:
 
 
 def command_line(spec: RunSpec) -> str:
-    """The cmd.exe line that runs the user's command in ``remote_dir``.
+    """The cmd.exe line that runs the user's command in ``remote_dir`` (created if missing).
 
-    ``cmd``: ``cd /d "<dir>" && <command>``. ``powershell``: the command was written to ``.winbuilder\\run.ps1`` in
-    the workspace and runs with ``-File`` so its exit code passes through (see ``powershell_script``).
+    ``(if not exist "<dir>\\" mkdir "<dir>") & cd /d "<dir>" || exit /b 1 & <command>``: ``&`` binds loosest in
+    cmd.exe, so the user's own ``&``/``&&``/``||`` keep their meaning, and a failed ``cd`` stops the line.
+    ``powershell``: the command was written to ``.winbuilder\\run.ps1`` and runs with ``-File`` so its exit code
+    passes through (see ``powershell_script``).
     """
     rd = spec.remote_dir
+    prefix = f'(if not exist "{rd}\\" mkdir "{rd}") & cd /d "{rd}" || exit /b 1 & '
     if spec.shell == "powershell":
         script = f"{rd}\\{PS_SCRIPT.replace('/', chr(92))}"
-        return (f'cd /d "{rd}" && powershell.exe -NoLogo -NoProfile -NonInteractive -ExecutionPolicy Bypass '
+        return (f'{prefix}powershell.exe -NoLogo -NoProfile -NonInteractive -ExecutionPolicy Bypass '
                 f'-File "{script}"')
-    return f'cd /d "{rd}" && {spec.command}'
+    return prefix + spec.command
 
 
 def powershell_script(command: str) -> bytes:
@@ -278,6 +281,10 @@ def plan(spec: RunSpec) -> list[NamedStep]:
              NamedStep("copy-in", step_copy_in), NamedStep("run", step_run)]
     if spec.copy_back:
         steps.append(NamedStep("copy-back", step_copy_back))
+    if spec.gce is not None:
+        from winbuilder import provision
+
+        steps[1:1] = provision.steps(spec)
     return steps
 
 
