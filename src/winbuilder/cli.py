@@ -17,7 +17,7 @@ import click
 
 from winbuilder import flow
 from winbuilder.errors import ExitCode, UsageError, WinbuilderError
-from winbuilder.spec import RunSpec, SshSpec, TargetSpec, TlsSpec, parse_duration
+from winbuilder.spec import GceSpec, RunSpec, SshSpec, TargetSpec, TlsSpec, parse_duration
 
 SECRET_ENV = ("WINBUILDER_PASSWORD", "PASSWORD")
 _NEEDS_QUOTES = re.compile(r"\s")
@@ -61,6 +61,48 @@ def cli() -> None:
     the exact exit code comes back, the workspace comes back, nothing is left running."""
 
 
+_GCE_ONLY = ("project", "zone", "region", "image", "machine_type", "boot_disk_size", "boot_disk_type", "spot",
+             "service_account", "scopes", "labels", "tags", "network", "subnetwork", "internal_ip", "allow_from",
+             "max_run_duration", "boot_timeout")
+
+
+def _gce_options(fn: Any) -> Any:
+    """The Compute Engine options of ``run`` (used only without --host)."""
+    options = [
+        click.option("--project", help="Project for the VM [default: $PROJECT_ID, else the ADC project]."),
+        click.option("--zone", help="Zone for the VM (else a zone of --region, falling back on no capacity)."),
+        click.option("--region", help="Region whose zones are tried in turn [default: us-central1]."),
+        click.option("--image", help="Image family, ltsc2019/ltsc2022/ltsc2025, or image URL [default: ltsc2022]."),
+        click.option("--machine-type", help="Machine type [default: e2-standard-4]."),
+        click.option("--boot-disk-size", type=click.IntRange(32, 65536), help="Boot disk GB [default: 128]."),
+        click.option("--boot-disk-type", help="Boot disk type [default: pd-balanced]."),
+        click.option("--spot", is_flag=True, help="Use a Spot VM."),
+        click.option("--service-account", help="Service account email for the VM [default: none]."),
+        click.option("--scopes", help="Comma-separated OAuth scopes for --service-account [default: cloud-platform]."),
+        click.option("--labels", help="Extra labels: k=v,k2=v2."),
+        click.option("--tags", help="Extra network tags: a,b."),
+        click.option("--network", help="VPC network name or URL (Shared VPC) [default: default]."),
+        click.option("--subnetwork", help="Subnetwork name or URL (Shared VPC)."),
+        click.option("--internal-ip", is_flag=True,
+                     help="No external IP, no firewall rule: connect to the internal IP."),
+        click.option("--allow-from", multiple=True,
+                     help="Source CIDR of the per-run firewall rule (repeatable) "
+                          "[default: this machine's egress IP]."),
+        click.option("--egress-ip-url", default="https://checkip.amazonaws.com", show_default=True,
+                     help="URL that answers this machine's public IP as text (for the default --allow-from)."),
+        click.option("--max-run-duration",
+                     help="Compute Engine deletes the VM after this long, even if winbuilder is killed "
+                          "[default: --timeout + --boot-timeout + 2 x --transfer-timeout + 30m]."),
+        click.option("--boot-timeout",
+                     help="Limit for the VM to boot, hand out the password and accept WinRM [default: 25m]."),
+        click.option("--compute-endpoint", envvar="WINBUILDER_COMPUTE_ENDPOINT",
+                     help="Compute API endpoint (an emulator) [env WINBUILDER_COMPUTE_ENDPOINT]."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
 @cli.command(cls=_DashDashCommand, context_settings={"ignore_unknown_options": False})
 @click.option("--host", help="The Windows server (name or IP). Without it, winbuilder creates one on Compute Engine.")
 @click.option("--port", type=click.IntRange(1, 65535), help="Port [default: 5986 HTTPS, 5985 --winrm-http, 22 SSH].")
@@ -97,6 +139,7 @@ def cli() -> None:
 @click.option("--report", type=click.Path(dir_okay=False, path_type=Path), help="Write a JSON report here.")
 @click.option("--keep-on-failure", is_flag=True, help="Keep created resources when the build fails.")
 @click.option("--debug", is_flag=True, help="Debug logging (secrets are never logged).")
+@_gce_options
 @click.pass_context
 def run(ctx: click.Context, /, **opts: Any) -> None:
     """Run a command on a Windows server with the workspace copied over and back.
@@ -121,8 +164,11 @@ def run(ctx: click.Context, /, **opts: Any) -> None:
 def _spec(opts: dict[str, Any], words: list[str] | None) -> RunSpec:
     command = _command(opts["command_opt"], words)
     if not opts["host"]:
-        raise UsageError("no --host given, and creating a server on Compute Engine is not available in this build",
-                         "pass --host HOST --user USER")
+        return _create_spec(opts, command)
+    given = [f"--{k.replace('_', '-')}" for k in _GCE_ONLY if opts.get(k) not in (None, False, (), "")]
+    if given:
+        raise UsageError(f"{', '.join(given)} only apply when winbuilder creates the server (no --host)",
+                         "drop them, or drop --host")
     if not opts["user"]:
         raise UsageError("--user is required with --host", "pass --user USER")
     password = _password(opts)
@@ -210,6 +256,110 @@ def _configure_logging(debug: bool, spec: RunSpec) -> None:
 def _fail_line(message: str) -> None:
     sys.stderr.write(f"winbuilder: error: {message}\n")
     sys.stderr.flush()
+
+
+# -- creating the server on Compute Engine (no --host) ------------------------------------------------------------
+
+def _create_spec(opts: dict[str, Any], command: str) -> RunSpec:
+    """The spec of a run that creates its server on Compute Engine (no --host)."""
+    given = [flag for flag, key in (("--user", "user"), ("--password", "password_arg"),
+                                     ("--password-file", "password_file"), ("--port", "port"),
+                                     ("--cert-sha256", "cert_sha256"), ("--cert-thumbprint", "cert_thumbprint"),
+                                     ("--ca-bundle", "ca_bundle")) if opts.get(key) is not None]
+    if given:
+        raise UsageError(f"{', '.join(given)} given without --host",
+                         "pass --host to use your own server, or drop them to let winbuilder create one")
+    if opts["transport"] != "winrm" or opts["winrm_http"]:
+        raise UsageError("a created server is reached over WinRM HTTPS only in this version",
+                         "drop --transport ssh / --winrm-http, or pass --host")
+    if opts["zone"] and opts["region"]:
+        raise UsageError("--zone and --region both given", "pass one of them")
+    from winbuilder import gce
+
+    timeout = parse_duration(opts["timeout"], "--timeout")
+    transfer = parse_duration(opts["transfer_timeout"], "--transfer-timeout")
+    boot = parse_duration(opts["boot_timeout"] or "25m", "--boot-timeout")
+    floor = timeout + boot
+    if opts["max_run_duration"]:
+        max_run = parse_duration(opts["max_run_duration"], "--max-run-duration")
+        if max_run <= floor:
+            raise UsageError(f"--max-run-duration ({max_run:.0f} s) must exceed --timeout + --boot-timeout "
+                             f"({floor:.0f} s), or the VM is deleted mid-build", "raise --max-run-duration")
+    else:
+        max_run = floor + 2 * transfer + 1800
+    if opts["image"]:
+        gce.image_source(opts["image"])
+    if opts["allow_from"]:
+        from winbuilder.provision import check_source_ranges
+
+        check_source_ranges(_split(opts["allow_from"]))
+    defaults = GceSpec(project="")
+    spec = GceSpec(
+        project=gce.resolve_project(opts["project"]), zone=opts["zone"],
+        region=opts["region"] or (None if opts["zone"] else defaults.region),
+        image=opts["image"] or defaults.image, machine_type=opts["machine_type"] or defaults.machine_type,
+        boot_disk_gb=opts["boot_disk_size"] or defaults.boot_disk_gb,
+        boot_disk_type=opts["boot_disk_type"] or defaults.boot_disk_type, spot=opts["spot"],
+        service_account=opts["service_account"],
+        scopes=_split((opts["scopes"],)) if opts["scopes"] else defaults.scopes,
+        labels=_labels(opts["labels"]), tags=_split((opts["tags"],)) if opts["tags"] else (),
+        network=opts["network"], subnetwork=opts["subnetwork"], internal_ip=opts["internal_ip"],
+        allow_from=_split(opts["allow_from"]), egress_ip_url=opts["egress_ip_url"], max_run_duration=max_run,
+        boot_timeout=boot, compute_endpoint=opts["compute_endpoint"] or None)
+    target = TargetSpec(host="", user=spec.user, operation_timeout=opts["operation_timeout"],
+                        tls=TlsSpec(insecure_skip_verify=opts["insecure_skip_verify"]))
+    return RunSpec(
+        command=command, workspace=_workspace(opts["workspace"]), target=target, shell=opts["shell"],
+        remote_dir=opts["remote_dir"], excludes=tuple(opts["exclude"]), copy_in=not opts["no_copy"],
+        copy_back=not opts["no_copy_back"], clean_remote=opts["clean_remote"], timeout=timeout,
+        connect_timeout=parse_duration(opts["connect_timeout"], "--connect-timeout"), transfer_timeout=transfer,
+        report=opts["report"], keep_on_failure=opts["keep_on_failure"], run_id=flow.new_run_id(), gce=spec)
+
+
+def _split(values: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(p.strip() for v in values for p in v.split(",") if p.strip())
+
+
+def _labels(text: str | None) -> tuple[tuple[str, str], ...]:
+    out = []
+    for part in _split((text,)) if text else ():
+        key, sep, value = part.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--labels {part!r} is not key=value", "e.g. --labels team=ci,env=test")
+        out.append((key.strip(), value.strip()))
+    return tuple(out)
+
+
+@cli.command()
+@click.option("--project", help="Project [default: $PROJECT_ID, else the ADC project].")
+@click.option("--zone", help="Only this zone.")
+@click.option("--region", help="Only the zones of this region.")
+@click.option("--dry-run", is_flag=True, help="Only list what would be deleted.")
+@click.option("--grace", default="10m", show_default=True,
+              help="A per-run firewall rule without a VM is deleted only when older than this.")
+@click.option("--compute-endpoint", envvar="WINBUILDER_COMPUTE_ENDPOINT",
+              help="Compute API endpoint (an emulator) [env WINBUILDER_COMPUTE_ENDPOINT].")
+@click.option("--debug", is_flag=True, help="Debug logging.")
+def gc(project: str | None, zone: str | None, region: str | None, dry_run: bool, grace: str,
+       compute_endpoint: str | None, debug: bool) -> None:
+    """Delete winbuilder VMs whose expiry label has passed, and per-run firewall rules whose VMs are gone."""
+    import time
+
+    from winbuilder import gce, provision
+
+    if zone and region:
+        raise UsageError("--zone and --region both given", "pass one of them")
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="winbuilder: %(message)s")
+    compute = gce.connect(gce.resolve_project(project), compute_endpoint or None)
+    zones = [zone] if zone else gce.region_zones(compute, region, time.monotonic() + 120) if region else None
+    result = provision.gc(compute, zones, dry_run=dry_run, grace=parse_duration(grace, "--grace"))
+    verb = "would delete" if dry_run else "deleted"
+    for name in result.instances:
+        click.echo(f"{verb} instance {name} (expired)")
+    for name in result.rules:
+        click.echo(f"{verb} firewall rule {name} (its VM is gone)")
+    click.echo(f"gc: {len(result.instances)} instances, {len(result.rules)} firewall rules"
+               f"{' (dry run)' if dry_run else ''}")
 
 
 def _add_emulator() -> None:
