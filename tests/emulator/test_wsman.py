@@ -220,6 +220,16 @@ def test_signal_terminate_timeout_command(host: WinrmHostFixture) -> None:
         assert time.monotonic() - t0 < 5
 
 
+def test_signal_ctrl_c_interrupts(host: WinrmHostFixture) -> None:
+    with client(host) as wsman, WinRS(wsman) as shell:
+        p = Process(shell, "sleep 30")
+        p.begin_invoke()
+        time.sleep(0.3)
+        p.signal(SignalCode.CTRL_C)
+        p.end_invoke()
+        assert p.rc == 0xC000013A  # STATUS_CONTROL_C_EXIT
+
+
 def test_delete_shell_kills_commands(host: WinrmHostFixture) -> None:
     with client(host) as wsman:
         shell = WinRS(wsman)
