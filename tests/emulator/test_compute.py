@@ -458,29 +458,32 @@ def test_metadata_server_and_egress_ip(gce_emulator: GceEmulator) -> None:
 
 
 ADC_SCRIPT = """
+import os
 import google.auth
-from google.cloud import compute_v1
+from google.auth.transport.requests import AuthorizedSession
 creds, project = google.auth.default()
-client = compute_v1.ZonesClient(client_options={"api_endpoint": __import__("os").environ["EP"]}, transport="rest")
-print(project, type(creds).__name__, client.get(project=project, zone="us-central1-a").name)
+reply = AuthorizedSession(creds).get(os.environ["EP"] + f"/compute/v1/projects/{project}/zones/us-central1-a")
+print(project, type(creds).__name__, reply.status_code, reply.json()["name"])
 """
 
 
 def test_adc_token_flow_in_fresh_process(gce_env: GceEmulator) -> None:
+    """A fresh process: google-auth reads GCE_METADATA_HOST at import, finds "GCE" and gets a token."""
     env = {**os.environ, "EP": gce_env.compute_url}
     out = subprocess.run([sys.executable, "-c", ADC_SCRIPT], env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.split() == [PROJECT, "Credentials", "us-central1-a"]
+    assert out.stdout.split() == [PROJECT, "Credentials", "200", "us-central1-a"]
 
 
-def test_adc_in_process(gce_env: GceEmulator) -> None:
+def test_adc_in_process_with_unmodified_client(gce_env: GceEmulator) -> None:
+    """In-process (google.auth possibly imported already): the client finds ADC by itself."""
     import google.auth
-    import google.auth.transport.requests
 
     creds, project = google.auth.default()
-    assert project == PROJECT
-    creds.refresh(google.auth.transport.requests.Request())  # type: ignore[no-untyped-call]
-    assert api(gce_env, "GET", f"projects/{PROJECT}/zones/{ZONE}", token=creds.token).ok
+    assert project == PROJECT and gce_env.backend.tokens_issued() == 0
+    client = compute_v1.ZonesClient(client_options={"api_endpoint": gce_env.compute_url}, transport="rest")
+    assert client.get(project=project, zone=ZONE).name == ZONE
+    assert gce_env.backend.tokens_issued() == 1  # the client's token came from the metadata server
 
 
 def test_cli_main_prints_ready_and_stops_on_sigterm() -> None:
