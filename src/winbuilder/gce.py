@@ -41,7 +41,8 @@ SHORT_IMAGES = {
 """``--image`` short names -> Windows Server "Datacenter Core for Containers" families in ``windows-cloud``."""
 
 RETRY_INITIAL = 0.5
-"""First backoff of a retried 429/5xx, in seconds (doubles, jittered, capped at ``RETRY_MAX``)."""
+"""Backoff unit of a retried 429/5xx, in seconds: attempt n sleeps a random time up to ``RETRY_INITIAL * 2**n``,
+capped at ``RETRY_MAX`` (full jitter)."""
 RETRY_MAX = 20.0
 WAIT_SLICE = 110.0
 """Longest single ``operations.wait`` HTTP call, seconds (the API itself answers after about 2 minutes)."""
@@ -188,7 +189,7 @@ def call(what: str, fn: Callable[[], T], deadline: float) -> T:
         CloudError: any other API error, or transient errors until the deadline.
     """
     from google.api_core import exceptions as gexc
-    from tenacity import RetryCallState, Retrying, retry_if_exception, wait_exponential_jitter
+    from tenacity import RetryCallState, Retrying, retry_if_exception, wait_random_exponential
 
     def stop(state: RetryCallState) -> bool:
         return time.monotonic() + RETRY_INITIAL >= deadline or state.attempt_number >= 12
@@ -199,7 +200,7 @@ def call(what: str, fn: Callable[[], T], deadline: float) -> T:
 
     try:
         for attempt in Retrying(retry=retry_if_exception(_transient), stop=stop, reraise=True,
-                                wait=wait_exponential_jitter(initial=RETRY_INITIAL, max=RETRY_MAX),
+                                wait=wait_random_exponential(multiplier=RETRY_INITIAL, max=RETRY_MAX),
                                 before_sleep=before_sleep):
             with attempt:
                 return fn()
