@@ -12,7 +12,8 @@ import pytest
 from winbuilder.errors import ExitCode
 
 
-def winbuilder(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+def winbuilder(*args: str, env: dict[str, str] | None = None,
+               cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     base = {k: v for k, v in os.environ.items() if k not in ("WINBUILDER_PASSWORD", "PASSWORD")}
     return subprocess.run([sys.executable, "-m", "winbuilder", *args], capture_output=True, text=True,
                           env={**base, **(env or {})}, cwd=cwd, timeout=60)

@@ -35,7 +35,7 @@ def test_utf8_one_byte_at_a_time() -> None:
 def test_utf8_truncated_tail_is_not_lost() -> None:
     out = io.BytesIO()
     sink = Utf8Sink(out)
-    sink.write("ok".encode() + "日".encode()[:2])
+    sink.write(b"ok" + "日".encode()[:2])
     sink.close()
     assert out.getvalue() == "ok\ufffd".encode()
 

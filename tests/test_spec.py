@@ -43,4 +43,4 @@ def test_empty_command_is_a_usage_error(tmp_path: Path) -> None:
 def test_over_long_cmd_line_is_refused(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="8191"):
         RunSpec(command="echo " + "x" * 8200, workspace=tmp_path)
-    RunSpec(command="echo " + "x" * 8200, workspace=tmp_path, shell="powershell")
+    RunSpec(command="echo " + "x" * 8200, workspace=tmp_path, shell="powershell")  # noqa: S604 - not a subprocess
