@@ -545,3 +545,31 @@ def test_second_emulator_gets_other_addresses(gce_emulator: GceEmulator, gce_cli
         assert second.network_interfaces[0].network_i_p != first.network_interfaces[0].network_i_p
     finally:
         other.close()
+
+
+def test_stalled_operation_and_failed_delete() -> None:
+    """A STALL fault keeps the operation RUNNING (the client's deadline must fire); a failed delete keeps the VM."""
+    emu = start_gce(replace(FAST, wait_timeout=0.3, operation_step_seconds=0.05), listen=("127.0.0.1", 0))
+    try:
+        emu.backend.set_faults(FaultSchedule(operations=(
+            OperationFault("instances.insert", "STALL", times=1),
+            OperationFault("instances.delete", "RESOURCE_NOT_READY", times=1))))
+        token = emu.issue_token()
+        path = f"projects/{PROJECT}/zones/{ZONE}"
+        body = json.loads(compute_v1.Instance.to_json(instance_body()))
+        op = api(emu, "POST", f"{path}/instances", body, token=token).json()
+        started = time.monotonic()
+        waited = api(emu, "POST", f"{path}/operations/{op['name']}/wait", token=token).json()
+        assert waited["status"] == "RUNNING" and 0.25 < time.monotonic() - started < 5
+        assert api(emu, "GET", f"{path}/instances/wb-test-1", token=token).json()["status"] == "PROVISIONING"
+        body["name"] = "wb-test-2"
+        op = api(emu, "POST", f"{path}/instances", body, token=token).json()
+        until(lambda: api(emu, "POST", f"{path}/operations/{op['name']}/wait", token=token).json()["status"]
+              == "DONE")
+        op = api(emu, "DELETE", f"{path}/instances/wb-test-2", token=token).json()
+        done = until(lambda: (d := api(emu, "POST", f"{path}/operations/{op['name']}/wait", token=token).json())
+                     ["status"] == "DONE" and d)
+        assert done["error"]["errors"][0]["code"] == "RESOURCE_NOT_READY"
+        assert api(emu, "GET", f"{path}/instances/wb-test-2", token=token).json()["status"] == "RUNNING"
+    finally:
+        emu.close()

@@ -17,6 +17,7 @@ JSON shape (every key optional)::
   (1-based, counted per method) of ``method`` (``instances.insert`` or ``compute.instances.insert``).
 * ``operations``: the operation of ``method`` ends DONE with ``error.errors[0].code = code`` (and the real API's
   message for it). ``zone`` limits it to one zone; ``times`` to that many operations (null = every time).
+  ``code: "STALL"`` keeps the operation RUNNING forever instead.
 * ``agent_delay``: extra seconds before the password agent reacts to ``windows-keys`` (a slow agent).
 * ``agent_error``: the agent answers every key with ``passwordFound: false`` and this ``errorMessage``.
 * ``metadata_conflicts``: that many ``setMetadata`` calls first find that "someone else" changed the metadata
@@ -53,7 +54,11 @@ class HttpFault:
 
 @dataclass(frozen=True)
 class OperationFault:
-    """End the operation of ``method`` (optionally only in ``zone``) with error ``code``; ``times`` None = always."""
+    """End the operation of ``method`` (optionally only in ``zone``) with error ``code``; ``times`` None = always.
+
+    ``code`` ``"STALL"`` is special: the operation stays RUNNING forever (``wait`` returns it RUNNING after the
+    emulator's ``wait_timeout``), to exercise a client's own deadline.
+    """
 
     method: str
     code: str

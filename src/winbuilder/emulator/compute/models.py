@@ -112,6 +112,7 @@ class Operation:
     end_time: str | None = None
     errors: list[dict[str, str]] | None = None
     changed_at: float = field(default_factory=time.monotonic)
+    stalled: bool = False
 
     @property
     def self_link(self) -> str:
@@ -121,7 +122,7 @@ class Operation:
 
     def step(self) -> None:
         """Advances one state (PENDING -> RUNNING -> DONE); DONE runs the effect. No-op once DONE."""
-        if self.status == "DONE":
+        if self.status == "DONE" or (self.stalled and self.status == "RUNNING"):
             return
         self.status = _STATES[_STATES.index(self.status) + 1]
         self.changed_at = time.monotonic()
@@ -394,7 +395,9 @@ class GceBackend:
                     return op.to_dict()
             time.sleep(0.01)
 
-    def _operation_fault(self, method: str, project: str, zone: str | None) -> list[dict[str, str]] | None:
+    def _operation_fault(self, method: str, project: str, zone: str | None
+                         ) -> tuple[list[dict[str, str]] | None, bool]:
+        """The injected outcome of a new operation: ``(errors or None, stalled)``."""
         for index, fault in enumerate(self.faults.operations):
             if fault.method.removeprefix("compute.") != method.removeprefix("compute."):
                 continue
@@ -403,10 +406,12 @@ class GceBackend:
             if fault.times is not None and self._op_fault_uses[index] >= fault.times:
                 continue
             self._op_fault_uses[index] += 1
+            if fault.code == "STALL":
+                return None, True
             region = zone.rsplit("-", 1)[0] if zone else "global"
             template = OPERATION_ERROR_MESSAGES.get(fault.code, f"Operation failed: {fault.code}.")
-            return [{"code": fault.code, "message": template.format(project=project, zone=zone, region=region)}]
-        return None
+            return [{"code": fault.code, "message": template.format(project=project, zone=zone, region=region)}], False
+        return None, False
 
     # ---------------------------------------------------------------------------------------------- zones
     def _check_zone(self, project: str, zone: str) -> str:
@@ -546,9 +551,10 @@ class GceBackend:
                 raise already_exists(f"projects/{project}/zones/{zone}/instances/{name}")
             record = InstanceRecord(resource, zone)
             state.instances[(zone, name)] = record
-            errors = self._operation_fault("instances.insert", project, zone)
+            errors, stall = self._operation_fault("instances.insert", project, zone)
             op = self._new_op(project, zone, "insert", resource["selfLink"], resource["id"],
                               lambda: self._finish_insert(project, zone, record, disk, errors))
+            op.stalled = stall
             return op.to_dict()
 
     def _finish_insert(self, project: str, zone: str, record: InstanceRecord, disk: dict[str, Any],
@@ -631,8 +637,18 @@ class GceBackend:
             record.deleting = True
             record.expires_at = None
             record.resource["status"] = "STOPPING"
-            op = self._new_op(project, zone, "delete", record.resource["selfLink"], record.resource["id"],
-                              lambda: self._remove_instance(project, zone, name))
+            errors, stall = self._operation_fault("instances.delete", project, zone)
+
+            def effect() -> list[dict[str, str]] | None:
+                if errors:
+                    record.deleting = False
+                    record.resource["status"] = "RUNNING"
+                    return errors
+                self._remove_instance(project, zone, name)
+                return None
+
+            op = self._new_op(project, zone, "delete", record.resource["selfLink"], record.resource["id"], effect)
+            op.stalled = stall
             return op.to_dict()
 
     def _remove_instance(self, project: str, zone: str, name: str) -> None:
@@ -749,7 +765,7 @@ class GceBackend:
             if name in state.firewalls or name in state.pending_firewalls:
                 raise already_exists(f"projects/{project}/global/firewalls/{name}")
             state.pending_firewalls.add(name)
-            errors = self._operation_fault("firewalls.insert", project, None)
+            errors, stall = self._operation_fault("firewalls.insert", project, None)
 
             def effect() -> list[dict[str, str]] | None:
                 state.pending_firewalls.discard(name)
@@ -758,7 +774,9 @@ class GceBackend:
                 state.firewalls[name] = rule
                 return None
 
-            return self._new_op(project, None, "insert", rule["selfLink"], rule["id"], effect).to_dict()
+            op = self._new_op(project, None, "insert", rule["selfLink"], rule["id"], effect)
+            op.stalled = stall
+            return op.to_dict()
 
     def firewalls_get(self, req: Request) -> dict[str, Any]:
         """firewalls.get."""
