@@ -239,3 +239,30 @@ def test_powershell_shell_runs_a_file_and_reports_9009_on_the_emulator(winrm: Se
     assert b"not recognized" in proc.stderr
     assert (winrm.remote("C:\\workspace") / ".winbuilder" / "run.ps1").read_bytes().startswith(b"\xef\xbb\xbf")
     assert not (ws / ".winbuilder").exists()  # the script is not copied back
+
+
+@pytest.mark.parametrize("signum", [15, 2])
+def test_signal_mid_command_terminates_it_and_exits_128_plus_n(server: Server, tmp_path: Path, signum: int) -> None:
+    marker = server.remote("C:\\workspace") / "alive.txt"
+    env = {k: v for k, v in os.environ.items() if k not in ("WINBUILDER_PASSWORD", "PASSWORD")}
+    env.update(server.env)
+    report = tmp_path / "report.json"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "winbuilder", "run", *server.args, "--workspace", str(tmp_path), "--report",
+         str(report), "--", "python3", "-c",
+         f"import time,pathlib;p=pathlib.Path(r'{marker}');p.write_text('x');print('up',flush=True);"
+         "[(time.sleep(0.2),p.write_text(str(i))) for i in range(600)]"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == b"up"
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 128 + signum, err
+    assert err.splitlines()[-1].startswith(b"winbuilder: error: cancelled")
+    # the remote command is gone: its heartbeat file stops changing
+    time.sleep(1.0)
+    last = marker.read_text()
+    time.sleep(1.0)
+    assert marker.read_text() == last
+    doc = json.loads(report.read_text())
+    assert doc["exit_code"] == 128 + signum and doc["remote_exit_code"] is None
