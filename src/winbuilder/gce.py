@@ -44,6 +44,8 @@ RETRY_INITIAL = 0.5
 """Backoff unit of a retried 429/5xx, in seconds: attempt n sleeps a random time up to ``RETRY_INITIAL * 2**n``,
 capped at ``RETRY_MAX`` (full jitter)."""
 RETRY_MAX = 20.0
+DELETE_ATTEMPTS = 3
+"""A delete whose operation ends in an error is sent again, up to this many times in all."""
 WAIT_SLICE = 110.0
 """Longest single ``operations.wait`` HTTP call, seconds (the API itself answers after about 2 minutes)."""
 
@@ -462,6 +464,8 @@ def delete_instance(compute: Compute, zone: str, name: str, deadline: float,
         insert_sent: whether an insert may have reached the API.
         settle: seconds to keep re-checking a 404 when the insert operation is unknown.
 
+    A delete whose operation ends in an error is sent again (``DELETE_ATTEMPTS`` in all).
+
     Returns:
         True if an instance was deleted, False if there was none.
 
@@ -474,6 +478,7 @@ def delete_instance(compute: Compute, zone: str, name: str, deadline: float,
         except CloudError as exc:
             log.debug("pending insert of %s ended with %s", name, exc)
     settle_until = time.monotonic() + (settle if insert_sent and (pending is None or not pending.name) else 0.0)
+    failures = 0
     while True:
         try:
             op = call(f"delete instance {name}", lambda: compute.instances.delete_unary(
@@ -488,7 +493,12 @@ def delete_instance(compute: Compute, zone: str, name: str, deadline: float,
         except GceOperationError as exc:
             if any(code == "RESOURCE_NOT_FOUND" for code in exc.codes):
                 return True
-            raise
+            failures += 1
+            if failures >= DELETE_ATTEMPTS:
+                raise
+            log.debug("delete of instance %s failed (%s); trying again", name, exc)
+            time.sleep(RETRY_INITIAL * failures)
+            continue
         return True
 
 
@@ -609,6 +619,7 @@ def delete_firewall(compute: Compute, name: str, deadline: float, pending: Opera
         except CloudError as exc:
             log.debug("pending insert of firewall rule %s ended with %s", name, exc)
     settle_until = time.monotonic() + (settle if insert_sent and (pending is None or not pending.name) else 0.0)
+    failures = 0
     while True:
         try:
             op = call(f"delete firewall rule {name}", lambda: compute.firewalls.delete_unary(
@@ -618,7 +629,15 @@ def delete_firewall(compute: Compute, name: str, deadline: float, pending: Opera
                 return False
             time.sleep(0.2)
             continue
-        wait_operation(compute, op, deadline, f"delete firewall rule {name}")
+        try:
+            wait_operation(compute, op, deadline, f"delete firewall rule {name}")
+        except GceOperationError as exc:
+            failures += 1
+            if failures >= DELETE_ATTEMPTS:
+                raise
+            log.debug("delete of firewall rule %s failed (%s); trying again", name, exc)
+            time.sleep(RETRY_INITIAL * failures)
+            continue
         return True
 
 
