@@ -484,3 +484,31 @@ def test_no_secret_in_debug_output(workspace: Path, cloudsdk: Path) -> None:
 def _no_project_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.delenv("PROJECT_ID", raising=False)
     yield
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--user", "u"], "--user given without --host"),
+    (["--password-file", __file__], "--password-file given without --host"),
+    (["--zone", "a", "--region", "b"], "--zone and --region"),
+    (["--allow-from", "0.0.0.0/0"], "whole internet"),
+    (["--timeout", "1h", "--boot-timeout", "20m", "--max-run-duration", "1h"], "must exceed"),
+    (["--image", "windows-server-2022-dc-v20250101"], "dated image"),
+    (["--transport", "ssh"], "WinRM HTTPS only"),
+    (["--labels", "novalue"], "key=value"),
+])
+def test_create_mode_usage_errors(args: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from winbuilder.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", "--project", PROJECT, *args, "--command", "build.cmd"])
+    assert exit_info.value.code == ExitCode.USAGE
+    assert message in capsys.readouterr().err
+
+
+def test_gce_options_need_create_mode(capsys: pytest.CaptureFixture[str]) -> None:
+    from winbuilder.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", "--host", "h", "--user", "u", "--zone", ZONE, "--spot", "--command", "x"])
+    assert exit_info.value.code == ExitCode.USAGE
+    assert "--zone, --spot only apply when winbuilder creates the server" in capsys.readouterr().err
