@@ -95,3 +95,42 @@ def test_random_streams(seed: int) -> None:
     stream = [rng.randbytes(rng.choice([0, 0, 1, size - 1, size, size + 1, 3 * size, rng.randrange(10000)]))
               for _ in range(rng.randrange(0, 40))]
     _check([s for s in stream], size)
+
+
+def test_prefetch_keeps_order_and_raises_in_order() -> None:
+    from winbuilder.staging import prefetch
+
+    assert list(prefetch(iter([b"a", b"b", b"c"]), depth=1)) == [b"a", b"b", b"c"]
+
+    def broken() -> Iterator[bytes]:
+        yield b"x"
+        raise OSError("disk gone")
+
+    got = []
+    with pytest.raises(OSError, match="disk gone"):
+        for item in prefetch(broken()):
+            got.append(item)
+    assert got == [b"x"]
+
+
+def test_prefetch_stops_the_producer_when_the_consumer_stops() -> None:
+    import itertools
+
+    from winbuilder.staging import prefetch
+
+    produced = []
+
+    def endless() -> Iterator[bytes]:
+        for i in itertools.count():
+            produced.append(i)
+            yield b"."
+
+    it = prefetch(endless(), depth=2)
+    assert next(it) == b"."
+    it.close()  # type: ignore[attr-defined]
+    n = len(produced)
+    assert n <= 5
+    import time
+
+    time.sleep(0.3)
+    assert len(produced) == n

@@ -8,6 +8,8 @@ such stream into pieces of exactly ``max_payload`` raw bytes (before base64), on
 
 from __future__ import annotations
 
+import queue
+import threading
 from collections.abc import Iterable, Iterator
 
 __all__ = ["chunks"]
@@ -64,3 +66,62 @@ def _chunks(stream: Iterable[bytes], size: int) -> Iterator[bytes]:
             pending += view[pos:]
     if pending:
         yield bytes(pending)
+
+
+_DONE = object()
+
+
+def prefetch(stream: Iterable[bytes], depth: int = 4) -> Iterator[bytes]:
+    """Iterate ``stream`` in a background thread, keeping up to ``depth`` items ready.
+
+    Lets producing the next chunk (reading workspace files) overlap with sending the current one (waiting on the
+    network). Memory is bounded by ``depth`` items. An exception in the producer is re-raised here, in order; if the
+    consumer stops early, the producer stops at its next item.
+
+    Args:
+        stream: any iterable of byte chunks (iterated only in the background thread).
+        depth: items buffered ahead, at least 1.
+
+    Raises:
+        ValueError: ``depth`` is smaller than 1.
+    """
+    if depth < 1:
+        raise ValueError(f"depth must be at least 1, got {depth}")
+    return _prefetch(stream, depth)
+
+
+def _prefetch(stream: Iterable[bytes], depth: int) -> Iterator[bytes]:
+    items: queue.Queue[object] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item: object) -> bool:
+        while not stop.is_set():
+            try:
+                items.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for chunk in stream:
+                if not put(chunk):
+                    return
+            put(_DONE)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            put(exc)
+
+    thread = threading.Thread(target=produce, name="winbuilder-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = items.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item  # type: ignore[misc]
+    finally:
+        stop.set()
+        thread.join(timeout=5)

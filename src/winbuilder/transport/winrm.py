@@ -32,7 +32,7 @@ from winbuilder.errors import (
     SecurityError,
     WinbuilderError,
 )
-from winbuilder.staging import chunks
+from winbuilder.staging import chunks, prefetch
 from winbuilder.transport import OutputCallback, TransferStats, remaining
 
 log = logging.getLogger(__name__)
@@ -313,10 +313,14 @@ class WinRMTransport:
         raise AssertionError("unreachable")
 
     def _send_stdin(self, command_id: str, stdin: Iterable[bytes] | None, deadline: float | None) -> None:
-        """Send stdin in envelope-sized chunks, then End. With no stdin, send an empty End at once (EOF)."""
+        """Send stdin in envelope-sized chunks, then End. With no stdin, send an empty End at once (EOF).
+
+        The chunks are produced in a background thread (``staging.prefetch``) so that reading the workspace
+        overlaps with waiting for the server.
+        """
         shell = self._require_shell()
         sent_any = False
-        for piece, last in _lookahead(chunks(stdin or (), self.max_stdin_chunk)):
+        for piece, last in _lookahead(prefetch(chunks(stdin or (), self.max_stdin_chunk), depth=3)):
             if remaining(deadline) <= 0:
                 raise DeadlineExceeded("the command ran past --timeout while sending input", "raise --timeout")
             self._call(partial(shell.send, "stdin", piece, command_id=command_id, end=last))
