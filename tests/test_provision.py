@@ -62,10 +62,10 @@ def gce_spec(emu: GceEmulator, **overrides: Any) -> GceSpec:
 
 
 def run_spec(emu: GceEmulator, workspace: Path, command: str = "echo built> result.txt", *,
-             insecure: bool = False, keep: bool = False, **overrides: Any) -> RunSpec:
+             insecure: bool = False, keep: bool = False, connect_timeout: float = 30, **overrides: Any) -> RunSpec:
     return RunSpec(command=command, workspace=workspace, run_id=flow.new_run_id(), keep_on_failure=keep,
                    target=TargetSpec(host="", user="winbuilder", tls=TlsSpec(insecure_skip_verify=insecure)),
-                   connect_timeout=30, gce=gce_spec(emu, **overrides))
+                   connect_timeout=connect_timeout, gce=gce_spec(emu, **overrides))
 
 
 def with_step(spec: RunSpec, after: str, fn: Callable[[flow.RunContext], None]) -> list[flow.NamedStep]:
@@ -299,14 +299,16 @@ MATRIX = (
     Scenario("agent error", FaultSchedule(agent_error="Access is denied."), ExitCode.CONNECTION),
     Scenario("metadata conflicts", FaultSchedule(metadata_conflicts=3), 0),
     Scenario("WinRM never comes", FaultSchedule(winrm_late=60), ExitCode.TIMEOUT, (("boot_timeout", 3.0),)),
-    Scenario("WinRM drops", FaultSchedule(winrm_drop_after=0.3), None),
+    Scenario("WinRM drops", FaultSchedule(winrm_drop_after=0.3), None, (("connect_timeout", 3.0),)),
 )
 
 
 def test_fault_matrix(gce_env: GceEmulator, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Every scenario runs against its own emulator (no auth: the tokens come from ``gce_env``'s metadata server)."""
+    timings: dict[str, float] = {}
 
     def one(scenario: Scenario) -> tuple[str, int, list[str]]:
+        t0 = time.monotonic()
         emu = start(faults=scenario.faults, require_auth=False)
         try:
             ws = tmp_path / scenario.name.replace(" ", "-")
@@ -316,12 +318,14 @@ def test_fault_matrix(gce_env: GceEmulator, tmp_path: Path, capsys: pytest.Captu
             return scenario.name, result.exit_code, leaked(emu)
         finally:
             emu.close()
+            timings[scenario.name] = time.monotonic() - t0
 
     with ThreadPoolExecutor(max_workers=3) as pool:
         outcomes = list(pool.map(one, MATRIX))
     total_leaked = sum(len(leaks) for _, _, leaks in outcomes)
     with capsys.disabled():
         print(f"\nfault matrix: {len(MATRIX)} scenarios, {total_leaked} leaked")
+        print(" ".join(f"{k}={v:.1f}s" for k, v in timings.items()))
     for scenario, (name, code, leaks) in zip(MATRIX, outcomes, strict=True):
         assert leaks == [], f"{name}: {leaks}"
         if scenario.expect is None:
