@@ -207,7 +207,8 @@ def test_workspace_round_trip_is_byte_exact(server: Server, tmp_path: Path) -> N
     assert after == before
     doc = json.loads(report.read_text())
     assert doc["exit_code"] == 0 and doc["remote_exit_code"] == 0
-    assert [p["name"] for p in doc["phases"]] == ["preflight", "connect", "copy-in", "run", "copy-back"]
+    assert [p["name"] for p in doc["phases"]] == ["preflight", "connect", "copy-in", "run", "copy-back",
+                                                "cleanup"]
     assert doc["bytes"]["sent"] > 3 * 1024 * 1024 and doc["bytes"]["received"] > 3 * 1024 * 1024
 
 

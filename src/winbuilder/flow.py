@@ -356,8 +356,13 @@ def run(spec: RunSpec, steps: list[NamedStep] | None = None, target: TargetSpec 
 
 
 def _unwind(ctx: RunContext, failed: bool) -> None:
-    """Close connections, then undo resources in reverse (or keep them for --keep-on-failure), signals deferred."""
+    """Close connections, then undo resources in reverse (or keep them for --keep-on-failure), signals deferred.
+
+    Timed as the ``cleanup`` phase, which is ok when every undo succeeded.
+    """
     restore = _shield_signals()
+    phase = Phase("cleanup", ctx.now())
+    ctx.phases.append(phase)
     try:
         ctx.close.close()
         if failed and ctx.spec.keep_on_failure and ctx.kept:
@@ -367,6 +372,8 @@ def _unwind(ctx: RunContext, failed: bool) -> None:
         else:
             ctx.undo.close()
     finally:
+        phase.end = ctx.now()
+        phase.ok = not ctx.undo_failures
         restore()
 
 
