@@ -26,7 +26,6 @@ from tests.fixtures.gce import FAST
 from winbuilder import flow, gce, provision
 from winbuilder.emulator.compute.faults import FaultSchedule, HttpFault, OperationFault
 from winbuilder.emulator.compute.server import GceEmulator, start_gce
-from winbuilder.emulator.guest import AddressPool
 from winbuilder.errors import ExitCode
 from winbuilder.spec import GceSpec, RunSpec, TargetSpec, TlsSpec
 
@@ -34,16 +33,9 @@ PROJECT = "test-project"
 ZONE = "us-central1-a"
 
 
-_POOL = AddressPool()
-"""One guest address pool for every emulator this module starts, so concurrent emulators never hand out (or
-re-bind) the same 127.0.0.N."""
-
-
 def start(**overrides: Any) -> GceEmulator:
-    """A fast emulator (``FAST`` with ``overrides``) sharing this module's guest address pool."""
-    emu = start_gce(replace(FAST, **overrides), listen=("127.0.0.1", 0))
-    emu.backend.pool = _POOL
-    return emu
+    """A fast emulator (``FAST`` with ``overrides``); all share the process-wide guest address pool."""
+    return start_gce(replace(FAST, **overrides), listen=("127.0.0.1", 0))
 
 
 def leaked(emu: GceEmulator) -> list[str]:

@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from winbuilder import flow
+from winbuilder import flow, redact
 from winbuilder.errors import ExitCode, UsageError, WinbuilderError
 from winbuilder.spec import GceSpec, RunSpec, SshSpec, TargetSpec, TlsSpec, parse_duration
 
@@ -36,22 +36,6 @@ class _DashDashCommand(click.Command):
             ctx.meta["command_words"] = args[i + 1:]
             args = args[:i]
         return super().parse_args(ctx, args)
-
-
-class _RedactSecrets(logging.Filter):
-    """Replace any known secret in log records with ``***`` (defence in depth; secrets are not logged on purpose)."""
-
-    def __init__(self, secrets: list[str]) -> None:
-        super().__init__()
-        self.secrets = [s for s in secrets if s]
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        text = record.getMessage()
-        if any(s in text for s in self.secrets):
-            for s in self.secrets:
-                text = text.replace(s, "***")
-            record.msg, record.args = text, None
-        return True
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -244,8 +228,8 @@ def _workspace(path: Path | None) -> Path:
 def _configure_logging(debug: bool, spec: RunSpec) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("winbuilder: %(levelname)s %(name)s: %(message)s"))
-    secrets = [spec.target.password] if spec.target and spec.target.password else []
-    handler.addFilter(_RedactSecrets(secrets))
+    redact.add_secret(spec.target.password if spec.target else None)
+    handler.addFilter(redact.RedactFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if debug else logging.WARNING)

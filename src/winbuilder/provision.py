@@ -30,7 +30,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from winbuilder import flow, gce
+from winbuilder import flow, gce, redact
 from winbuilder.errors import CapacityError, CloudError, DeadlineExceeded, SecurityError, UsageError
 from winbuilder.password import Password, PasswordReader, key_entry, new_key, set_metadata_body
 from winbuilder.spec import GceSpec, RunSpec, TargetSpec, TlsSpec
@@ -381,6 +381,7 @@ def step_password(ctx: flow.RunContext) -> None:
         _sleep_until(delay, deadline)
         delay = _backoff(delay)
     base = ctx.target or TargetSpec(host=st.host or "", user=spec.user)
+    redact.add_secret(password.reveal())
     ctx.target = replace(base, password=password.reveal())
     flow.status(f"password for {spec.user} received from the guest agent (key {key.fingerprint})")
 

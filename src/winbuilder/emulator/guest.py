@@ -145,6 +145,10 @@ class AddressPool:
             self._used.discard(n)
 
 
+PROCESS_POOL = AddressPool()
+"""The pool every emulator in this process shares, so two emulators never hand out (or re-bind) the same 127.0.0.N."""
+
+
 def thumbprint(cert_pem_path: Path) -> str:
     """The Windows thumbprint of a PEM certificate: upper-case hex SHA-1 of the DER encoding."""
     from cryptography import x509

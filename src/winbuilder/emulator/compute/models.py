@@ -44,7 +44,7 @@ from winbuilder.emulator.compute.resources import (
     resource_path,
     windows_image,
 )
-from winbuilder.emulator.guest import AddressPool, Guest, GuestSpec
+from winbuilder.emulator.guest import PROCESS_POOL, AddressPool, Guest, GuestSpec
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +202,7 @@ class GceBackend:
         self.config = config
         self.faults: FaultSchedule = config.faults or FaultSchedule()
         self._lock = threading.RLock()
-        self.pool = AddressPool()
+        self.pool: AddressPool = PROCESS_POOL
         self._projects: dict[str, ProjectState] = {}
         self._tokens: dict[str, float] = {}
         self._calls: Counter[str] = Counter()
