@@ -30,6 +30,9 @@ class _DashDashCommand(click.Command):
     silently dropping what follows (a flaw of earlier tools).
     """
 
+    def collect_usage_pieces(self, ctx: click.Context) -> list[str]:
+        return [*super().collect_usage_pieces(ctx), "(--command CMD | -- CMD WORDS...)"]
+
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         if "--" in args:
             i = args.index("--")
