@@ -27,9 +27,12 @@ lint: $(STAMP)
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
+	cd bench && ../$(BIN)/mypy --strict copy.py overhead.py
 
+## bench: transfer vs. the 6 KB echo method and a plain POST (bench/copy.py); overhead above GCE delays
 bench: $(STAMP)
 	$(BIN)/python bench/copy.py
+	$(BIN)/python bench/overhead.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info

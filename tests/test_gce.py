@@ -114,7 +114,7 @@ def test_instance_body_shape() -> None:
 def compute(gce_emulator: GceEmulator) -> Iterator[gce.Compute]:
     from google.oauth2.credentials import Credentials
 
-    yield gce.connect(PROJECT, gce_emulator.compute_url, Credentials(gce_emulator.issue_token()))
+    yield gce.connect(PROJECT, gce_emulator.compute_url, Credentials(gce_emulator.issue_token()))  # type: ignore[no-untyped-call]
 
 
 def _body(name: str, **extra: Any) -> dict[str, Any]:

@@ -233,7 +233,7 @@ def test_gc_cleans_expired(gce_env: GceEmulator, capsys: pytest.CaptureFixture[s
 
     from winbuilder.cli import main
 
-    compute = gce.connect(PROJECT, gce_env.compute_url, Credentials(gce_env.issue_token()))
+    compute = gce.connect(PROJECT, gce_env.compute_url, Credentials(gce_env.issue_token()))  # type: ignore[no-untyped-call]
     deadline = time.monotonic() + 60
     image = gce.resolve_image(compute, "ltsc2022", deadline)
     spec = gce_spec(gce_env)
@@ -445,7 +445,7 @@ def test_sigkill_is_covered_by_max_run_duration(workspace: Path, cloudsdk: Path)
         # the rule outlives a SIGKILL; gc removes it once its VM is gone
         from google.oauth2.credentials import Credentials
 
-        compute = gce.connect(PROJECT, emu.compute_url, Credentials(emu.issue_token()))
+        compute = gce.connect(PROJECT, emu.compute_url, Credentials(emu.issue_token()))  # type: ignore[no-untyped-call]
         result = provision.gc(compute, grace=0)
         assert len(result.rules) == 1
         assert leaked(emu) == []

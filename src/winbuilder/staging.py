@@ -11,6 +11,9 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Iterable, Iterator
+from typing import TypeVar
+
+T = TypeVar("T")
 
 __all__ = ["chunks"]
 
@@ -71,7 +74,7 @@ def _chunks(stream: Iterable[bytes], size: int) -> Iterator[bytes]:
 _DONE = object()
 
 
-def prefetch(stream: Iterable[bytes], depth: int = 4) -> Iterator[bytes]:
+def prefetch(stream: Iterable[T], depth: int = 4) -> Iterator[T]:
     """Iterate ``stream`` in a background thread, keeping up to ``depth`` items ready.
 
     Lets producing the next chunk (reading workspace files) overlap with sending the current one (waiting on the
@@ -79,7 +82,7 @@ def prefetch(stream: Iterable[bytes], depth: int = 4) -> Iterator[bytes]:
     consumer stops early, the producer stops at its next item.
 
     Args:
-        stream: any iterable of byte chunks (iterated only in the background thread).
+        stream: any iterable, e.g. of byte chunks (iterated only in the background thread).
         depth: items buffered ahead, at least 1.
 
     Raises:
@@ -90,7 +93,7 @@ def prefetch(stream: Iterable[bytes], depth: int = 4) -> Iterator[bytes]:
     return _prefetch(stream, depth)
 
 
-def _prefetch(stream: Iterable[bytes], depth: int) -> Iterator[bytes]:
+def _prefetch(stream: Iterable[T], depth: int) -> Iterator[T]:
     items: queue.Queue[object] = queue.Queue(maxsize=depth)
     stop = threading.Event()
 

@@ -8,9 +8,11 @@ Faults are named in ``WSManFaultCode`` and mapped once, in ``_translate``, to ``
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import logging
 import time
+import xml.etree.ElementTree as ET  # noqa: S405 - builds requests; parsing is pypsrp's
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -22,7 +24,7 @@ import requests
 import requests.adapters
 from pypsrp.exceptions import AuthenticationError, WinRMError, WinRMTransportError, WSManFaultError
 from pypsrp.shell import CommandState, SignalCode, WinRS
-from pypsrp.wsman import NAMESPACES, WSMan
+from pypsrp.wsman import NAMESPACES, SelectorSet, WSMan
 
 from winbuilder.errors import (
     AuthError,
@@ -128,7 +130,6 @@ class WinRMTransport:
         self.target = target
         self._wsman: WSMan | None = None
         self._shell: WinRS | None = None
-        self._max_envelope = DEFAULT_ENVELOPE_BYTES
         self._requests = 0
         self._stdin = 0
         self._stdout = 0
@@ -169,12 +170,15 @@ class WinRMTransport:
             max_envelope_size=DEFAULT_ENVELOPE_BYTES,
             no_proxy=False,
         )
+        # pypsrp builds its requests session lazily; build it now to pin the certificate on its HTTPS adapter and
+        # to resolve the proxy settings once (requests would otherwise re-read the environment on every request).
+        session = wsman.transport._build_session()
         if t.https and t.cert_fingerprint:
-            # pypsrp builds its requests session lazily; build it now and pin the certificate on its HTTPS adapter.
-            session = wsman.transport._build_session()
             session.mount("https://", PinnedAdapter(normalize_fingerprint(t.cert_fingerprint)))
             session.verify = False
-            wsman.transport.session = session
+        session.proxies = requests.utils.get_environ_proxies(wsman.transport.endpoint)
+        session.trust_env = False
+        wsman.transport.session = session
         self._wsman = wsman
         self._learn_envelope_size()
         self._open_shell(deadline)
@@ -267,7 +271,6 @@ class WinRMTransport:
             return
         if wsman.max_envelope_size <= 0:
             wsman.update_max_payload_size(DEFAULT_ENVELOPE_BYTES)
-        self._max_envelope = int(wsman.max_envelope_size)
 
     def _open_shell(self, deadline: float | None) -> None:
         """Create a cmd shell; on the shell quota fault, back off and retry until ``deadline``."""
@@ -313,21 +316,27 @@ class WinRMTransport:
         raise AssertionError("unreachable")
 
     def _send_stdin(self, command_id: str, stdin: Iterable[bytes] | None, deadline: float | None) -> None:
-        """Send stdin in envelope-sized chunks, then End. With no stdin, send an empty End at once (EOF).
+        """Send stdin in envelope-sized chunks, the last with End="true"; with no stdin, an empty End (EOF).
 
-        The chunks are produced in a background thread (``staging.prefetch``) so that reading the workspace
-        overlaps with waiting for the server.
+        The ``rsp:Send`` bodies (base64 included) are built in a background thread (``staging.prefetch``), so
+        reading the workspace and encoding overlap with waiting for the server.
         """
         shell = self._require_shell()
+        wsman = self._require_wsman()
+        selectors = SelectorSet()
+        selectors.add_option("ShellId", str(shell.id))
+        pieces = _lookahead(chunks(stdin or (), self.max_stdin_chunk))
+        bodies = prefetch(((send_body(piece, command_id, last), len(piece)) for piece, last in pieces), depth=3)
         sent_any = False
-        for piece, last in _lookahead(prefetch(chunks(stdin or (), self.max_stdin_chunk), depth=3)):
+        for body, size in bodies:
             if remaining(deadline) <= 0:
                 raise DeadlineExceeded("the command ran past --timeout while sending input", "raise --timeout")
-            self._call(partial(shell.send, "stdin", piece, command_id=command_id, end=last))
-            self._stdin += len(piece)
+            self._call(partial(wsman.send, shell.resource_uri, body, selector_set=selectors))
+            self._stdin += size
             sent_any = True
         if not sent_any:
-            self._call(lambda: shell.send("stdin", b"", command_id=command_id, end=True))
+            self._call(partial(wsman.send, shell.resource_uri, send_body(b"", command_id, True),
+                               selector_set=selectors))
 
     def _terminate(self, command_id: str) -> None:
         """Signal terminate ([MS-WSMV] 3.1.4.12); best effort, never raises."""
@@ -415,6 +424,20 @@ def _translate(exc: BaseException, target: WinRMTarget) -> WinbuilderError:
     if isinstance(exc, WinRMError):
         return ProtocolError(f"WinRM error from {where}: {type(exc).__name__}", "check the WinRM service")
     return ProtocolError(f"unexpected error talking to {where}: {type(exc).__name__}", "report this as a bug")
+
+
+def send_body(data: bytes, command_id: str, end: bool) -> ET.Element:
+    """The ``rsp:Send`` body carrying ``data`` to the command's stdin ([MS-WSMV] 2.2.4.35, 3.1.4.13).
+
+    ``End="true"`` on the last chunk closes the command's stdin.
+    """
+    rsp = NAMESPACES["rsp"]
+    body = ET.Element(f"{{{rsp}}}Send")
+    stream = ET.SubElement(body, f"{{{rsp}}}Stream", Name="stdin", CommandId=command_id)
+    if end:
+        stream.attrib["End"] = "true"
+    stream.text = base64.b64encode(data).decode("ascii")
+    return body
 
 
 def _lookahead(pieces: Iterable[bytes]) -> Iterator[tuple[bytes, bool]]:
