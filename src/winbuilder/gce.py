@@ -472,34 +472,8 @@ def delete_instance(compute: Compute, zone: str, name: str, deadline: float,
     Raises:
         CloudError, DeadlineExceeded: it could not be deleted by the deadline.
     """
-    if pending is not None and pending.name:
-        try:
-            wait_operation(compute, pending, deadline, f"insert instance {name}")
-        except CloudError as exc:
-            log.debug("pending insert of %s ended with %s", name, exc)
-    settle_until = time.monotonic() + (settle if insert_sent and (pending is None or not pending.name) else 0.0)
-    failures = 0
-    while True:
-        try:
-            op = call(f"delete instance {name}", lambda: compute.instances.delete_unary(
-                project=compute.project, zone=zone, instance=name), deadline)
-        except ResourceNotFound:
-            if time.monotonic() >= settle_until:
-                return False
-            time.sleep(0.2)
-            continue
-        try:
-            wait_operation(compute, op, deadline, f"delete instance {name}")
-        except GceOperationError as exc:
-            if any(code == "RESOURCE_NOT_FOUND" for code in exc.codes):
-                return True
-            failures += 1
-            if failures >= DELETE_ATTEMPTS:
-                raise
-            log.debug("delete of instance %s failed (%s); trying again", name, exc)
-            time.sleep(RETRY_INITIAL * failures)
-            continue
-        return True
+    return _delete(compute, f"instance {name}", lambda: compute.instances.delete_unary(
+        project=compute.project, zone=zone, instance=name), deadline, pending, insert_sent, settle)
 
 
 def list_instances(compute: Compute, label_filter: str, deadline: float) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -613,29 +587,45 @@ def delete_firewall(compute: Compute, name: str, deadline: float, pending: Opera
     Raises:
         CloudError, DeadlineExceeded: it could not be deleted by the deadline.
     """
+    return _delete(compute, f"firewall rule {name}", lambda: compute.firewalls.delete_unary(
+        project=compute.project, firewall=name), deadline, pending, insert_sent, settle)
+
+
+def _delete(compute: Compute, what: str, send: Callable[[], Any], deadline: float, pending: OperationRef | None,
+            insert_sent: bool, settle: float) -> bool:
+    """The delete loop shared by instances and firewall rules (see :func:`delete_instance`).
+
+    Waits for a pending insert (its errors ignored); re-checks a 404 for ``settle`` seconds when the insert was sent
+    but its operation is unknown; sends the delete again when its operation fails (``DELETE_ATTEMPTS`` in all);
+    an operation error ``RESOURCE_NOT_FOUND`` counts as deleted.
+
+    Returns:
+        True if something was deleted, False if there was nothing.
+    """
     if pending is not None and pending.name:
         try:
-            wait_operation(compute, pending, deadline, f"insert firewall rule {name}")
+            wait_operation(compute, pending, deadline, f"insert {what}")
         except CloudError as exc:
-            log.debug("pending insert of firewall rule %s ended with %s", name, exc)
+            log.debug("pending insert of %s ended with %s", what, exc)
     settle_until = time.monotonic() + (settle if insert_sent and (pending is None or not pending.name) else 0.0)
     failures = 0
     while True:
         try:
-            op = call(f"delete firewall rule {name}", lambda: compute.firewalls.delete_unary(
-                project=compute.project, firewall=name), deadline)
+            op = call(f"delete {what}", send, deadline)
         except ResourceNotFound:
             if time.monotonic() >= settle_until:
                 return False
             time.sleep(0.2)
             continue
         try:
-            wait_operation(compute, op, deadline, f"delete firewall rule {name}")
+            wait_operation(compute, op, deadline, f"delete {what}")
         except GceOperationError as exc:
+            if any(code == "RESOURCE_NOT_FOUND" for code in exc.codes):
+                return True
             failures += 1
             if failures >= DELETE_ATTEMPTS:
                 raise
-            log.debug("delete of firewall rule %s failed (%s); trying again", name, exc)
+            log.debug("delete of %s failed (%s); trying again", what, exc)
             time.sleep(RETRY_INITIAL * failures)
             continue
         return True
