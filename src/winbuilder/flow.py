@@ -186,12 +186,11 @@ def step_copy_in(ctx: RunContext) -> None:
         ctx.manifest = workspace.Manifest(root=spec.workspace, entries=(), files=0, bytes=0, dirs=0, symlinks=0,
                                           excluded=0)
     stream = workspace.archive(ctx.manifest, spec.workspace, extra=extra)
-    counted = _Counter(stream)
     errors = _Tail()
     rc = _transport(ctx).run(f'{prefix}(if not exist "{rd}\\" mkdir "{rd}") & tar -xf - -C "{rd}"',
-                             stdin=counted, on_stdout=errors.feed, on_stderr=errors.feed,
+                             stdin=stream, on_stdout=errors.feed, on_stderr=errors.feed,
                              deadline=time.monotonic() + spec.transfer_timeout)
-    ctx.bytes_sent = counted.count
+    ctx.bytes_sent = stream.bytes_out
     if rc != 0:
         raise WorkspaceError(f"unpacking the workspace on the server failed (tar exit {rc}): {errors.text()}",
                              f"check that tar.exe exists (Windows Server 2019+) and {rd} is writable")
@@ -457,22 +456,6 @@ def print_timings(result: RunResult) -> None:
 def new_run_id() -> str:
     """A short random id for names and labels (``[a-z0-9]{8}``)."""
     return uuid.uuid4().hex[:8]
-
-
-class _Counter:
-    """Iterate ``chunks`` while counting their bytes."""
-
-    def __init__(self, chunks: Any) -> None:
-        self._it = iter(chunks)
-        self.count = 0
-
-    def __iter__(self) -> _Counter:
-        return self
-
-    def __next__(self) -> bytes:
-        chunk: bytes = next(self._it)
-        self.count += len(chunk)
-        return chunk
 
 
 class _Tail:
