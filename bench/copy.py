@@ -12,7 +12,7 @@ its own process as a real server would (so it does not share the client's interp
 3. Throughput on loopback with no RTT: winbuilder's copy-in vs. a plain HTTPS POST of the same archive bytes into
    the same `tar -xf -` on the same machine. Base64 inflates by 4/3, so 75% is the ceiling for any WinRM transfer.
 
-Usage: python bench/copy.py [--mb 100] [--files 10000] [--rtt-ms 20] [--echo-mb 2]
+Usage: python bench/copy.py [--mb 100] [--files 10000] [--rtt-ms 20] [--echo-mb 2] [--repeat 3]
 Prints figures and ratios; asserts nothing.
 """
 
@@ -29,6 +29,7 @@ import http.client
 import http.server
 import multiprocessing
 import os
+import shutil
 import ssl
 import subprocess  # noqa: E402
 import tempfile
@@ -195,6 +196,7 @@ def main() -> None:
     ap.add_argument("--files", type=int, default=10_000)
     ap.add_argument("--rtt-ms", type=float, default=20.0)
     ap.add_argument("--echo-mb", type=float, default=2.0)
+    ap.add_argument("--repeat", type=int, default=3, help="loopback runs of each method; the best counts")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="wb-bench-") as tmp_s:
@@ -227,22 +229,28 @@ def main() -> None:
         finally:
             host.close()
 
-        host = ServerProcess(_serve_wsman, str(tmp / "server-lo"), 0.0)
-        port, cert = host.info
-        try:
-            _, sec, archive_bytes = winbuilder_copy(port, cert, ws)
-        finally:
-            host.close()
         archive = tmp / "ws.tar"
         with archive.open("wb") as f:
             for chunk in workspace.archive(workspace.preflight(ws, ()), ws):
                 f.write(chunk)
-        target = tmp / "post-target"
-        target.mkdir()
-        psec = plain_post(archive, target)
+        sec = psec = float("inf")
+        for i in range(args.repeat):  # best of N for both: the machine's other load only ever adds time
+            host = ServerProcess(_serve_wsman, str(tmp / f"server-lo{i}"), 0.0)
+            port, cert = host.info
+            try:
+                _, took, archive_bytes = winbuilder_copy(port, cert, ws)
+                sec = min(sec, took)
+            finally:
+                host.close()
+            target = tmp / f"post-target{i}"
+            target.mkdir()
+            psec = min(psec, plain_post(archive, target))
+            shutil.rmtree(tmp / f"server-lo{i}", ignore_errors=True)
+            shutil.rmtree(target, ignore_errors=True)
         ours, plain = archive_bytes / sec / 1e6, archive_bytes / psec / 1e6
         ratio = ours / plain
-        print(f"\n[3] loopback, no RTT: winbuilder {ours:.1f} MB/s ({sec:.1f} s), plain HTTPS POST of the same "
+        print(f"\n[3] loopback, no RTT, best of {args.repeat}: winbuilder {ours:.1f} MB/s ({sec:.1f} s), "
+              f"plain HTTPS POST of the same "
               f"archive into tar {plain:.1f} MB/s ({psec:.1f} s): ratio {ratio:.2f}; the base64 ceiling is 0.75, so "
               f"{ratio / 0.75:.0%} of it (target >= 60%)")
 
