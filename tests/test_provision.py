@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 
 from tests.fixtures.gce import FAST
+from tests.fixtures.sshd import require_sshd
 from winbuilder import flow, gce, provision
 from winbuilder.emulator.compute.faults import FaultSchedule, HttpFault, OperationFault
 from winbuilder.emulator.compute.server import GceEmulator, start_gce
@@ -483,13 +484,15 @@ def _no_project_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["--user", "u"], "--user given without --host"),
+    (["--user", "a:b"], "cannot name the account"),
+    (["--ssh-key", __file__], "--ssh-key given without --host"),
     (["--password-file", __file__], "--password-file given without --host"),
     (["--zone", "a", "--region", "b"], "--zone and --region"),
     (["--allow-from", "0.0.0.0/0"], "whole internet"),
     (["--timeout", "1h", "--boot-timeout", "20m", "--max-run-duration", "1h"], "must exceed"),
     (["--image", "windows-server-2022-dc-v20250101"], "dated image"),
-    (["--transport", "ssh"], "WinRM HTTPS only"),
+    (["--winrm-http"], "not WinRM HTTP"),
+    (["--transport", "ssh", "--insecure-skip-verify"], "does not apply to --transport ssh"),
     (["--labels", "novalue"], "key=value"),
 ])
 def test_create_mode_usage_errors(args: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -508,3 +511,141 @@ def test_gce_options_need_create_mode(capsys: pytest.CaptureFixture[str]) -> Non
         main(["run", "--host", "h", "--user", "u", "--zone", ZONE, "--spot", "--command", "x"])
     assert exit_info.value.code == ExitCode.USAGE
     assert "--zone, --spot only apply when winbuilder creates the server" in capsys.readouterr().err
+
+
+# -- --transport ssh on a created server ------------------------------------------------------------------------------
+# The emulated guest's sshd can only log in the local user running it, so these runs use that user (as --user).
+
+
+def ssh_run_spec(emu: GceEmulator, workspace: Path, command: str = "echo built> result.txt",
+                 **overrides: Any) -> RunSpec:
+    from winbuilder.emulator.sshd import current_user
+
+    require_sshd()
+    user = current_user()
+    return RunSpec(command=command, workspace=workspace, run_id=flow.new_run_id(), connect_timeout=30,
+                   target=TargetSpec(host="", user=user, transport="ssh"), gce=gce_spec(emu, user=user, **overrides))
+
+
+def _metadata(inst: dict[str, Any]) -> dict[str, str]:
+    return {i["key"]: i["value"] for i in inst["metadata"]["items"]}
+
+
+def test_ssh_happy_path(gce_env: GceEmulator, workspace: Path) -> None:
+    import asyncssh
+
+    from winbuilder.emulator.sshd import fingerprint
+
+    spec = ssh_run_spec(gce_env, workspace)
+    seen: dict[str, Any] = {}
+
+    def snapshot(ctx: flow.RunContext) -> None:
+        st = provision.state(ctx)
+        guest = gce_env.backend.guest(PROJECT, st.zone or "", st.name)
+        (seen["instance"],) = gce_env.backend.instances()
+        seen["firewalls"] = gce_env.backend.firewalls()
+        seen["target"] = ctx.target
+        seen["guest"] = guest
+        seen["sshd"] = guest._sshd
+        ((_, _, seen["published"]),) = guest.attributes("hostkeys/ssh-ed25519")
+        assert ctx.target is not None and ctx.target.ssh.key_path is not None
+        seen["mode"] = ctx.target.ssh.key_path.stat().st_mode & 0o777
+        seen["public"] = asyncssh.read_private_key(str(ctx.target.ssh.key_path)).export_public_key().decode()
+
+    result = flow.run(spec, with_step(spec, "ready", snapshot))
+    assert result.exit_code == 0, result.error
+    assert (workspace / "result.txt").read_text().strip() == "built"
+    assert [p.name for p in result.phases][:7] == ["preflight", "ssh-key", "firewall", "instance", "ssh-host-key",
+                                                   "ready", "test-hook"]
+    assert "password" not in [p.name for p in result.phases]
+    items = _metadata(seen["instance"])
+    assert items["enable-windows-ssh"] == "TRUE" and items["enable-guest-attributes"] == "TRUE"
+    assert "windows-keys" not in items  # no password step
+    user = spec.gce.user if spec.gce else ""
+    algo, blob, comment = seen["public"].split()
+    assert items["ssh-keys"] == f"{user}:{algo} {blob} winbuilder-{spec.run_id}" and algo == "ssh-ed25519"
+    assert "PRIVATE" not in json.dumps(seen["instance"])
+    (rule,) = seen["firewalls"]
+    assert rule["allowed"] == [{"IPProtocol": "tcp", "ports": ["22"]}] and rule["name"].endswith("-22")
+    target = seen["target"]
+    assert target.transport == "ssh" and target.password is None and seen["mode"] == 0o600
+    assert target.ssh.host_key == fingerprint(seen["published"]) == seen["sshd"].host_key_fingerprint
+    assert not target.ssh.key_path.exists(), "the private key file outlived the run"
+    assert seen["guest"].closed and seen["sshd"].process.poll() is not None  # deletion stopped sshd
+    assert leaked(gce_env) == []
+
+
+def test_ssh_host_key_mismatch_refused(gce_env: GceEmulator, workspace: Path) -> None:
+    import asyncssh
+
+    spec = ssh_run_spec(gce_env, workspace)
+    seen: dict[str, Any] = {}
+
+    def impostor(ctx: flow.RunContext) -> None:
+        st = provision.state(ctx)
+        guest = gce_env.backend.guest(PROJECT, st.zone or "", st.name)
+        _wait_for(lambda: bool(guest.attributes("hostkeys/ssh-ed25519")), timeout=20)
+        other = asyncssh.generate_private_key("ssh-ed25519").export_public_key().decode().strip()
+        with guest._lock:  # the published host key is not the one sshd presents
+            guest._attributes[("hostkeys", "ssh-ed25519")] = other
+        assert ctx.target is not None
+        seen["key_path"] = ctx.target.ssh.key_path
+
+    result = flow.run(spec, with_step(spec, "instance", impostor))
+    assert result.exit_code == ExitCode.SECURITY, result.error
+    assert result.error and "host key" in result.error
+    assert [p.name for p in result.phases if not p.ok] == ["connect"]
+    assert not seen["key_path"].exists()
+    assert leaked(gce_env) == []
+
+
+def test_ssh_host_key_not_published_is_a_security_error(gce_env: GceEmulator, workspace: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = ssh_run_spec(gce_env, workspace, boot_timeout=3.0)
+    monkeypatch.setattr(provision, "SSH_HOST_KEY_ATTRIBUTE", "hostkeys/ssh-nothing")
+    result = flow.run(spec)
+    assert result.exit_code == ExitCode.SECURITY
+    assert result.error and "hostkeys/ssh-nothing" in result.error
+    assert leaked(gce_env) == []
+
+
+def test_ssh_pure_helpers() -> None:
+    from winbuilder.errors import UsageError
+
+    pub = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIAbO+qF1qJvPBHP+MDCLxNix7ZT73pr638Rttxmg452h"
+    assert provision.ssh_keys_entry("builder", pub + " c\n") == f"builder:{pub} c"
+    assert provision.host_key_fingerprint(pub) == "SHA256:mwYvBmPF8RXz01pqwZ+O2vCsUPSa9OcCXcFYBT74OZE"
+    for bad in ("a:b", "a b", ""):
+        with pytest.raises(UsageError):
+            provision.ssh_keys_entry(bad, pub)
+    with pytest.raises(ValueError, match="not an OpenSSH public key"):
+        provision.host_key_fingerprint("ssh-ed25519 bm90IGEga2V5")
+
+
+def test_ssh_sigterm_in_run_leaves_nothing(workspace: Path, cloudsdk: Path) -> None:
+    import tempfile
+
+    from winbuilder.emulator.sshd import current_user
+
+    require_sshd()
+    emu = start()
+    try:
+        proc = Proc(emu, cloudsdk, workspace, "--transport", "ssh", "--user", current_user(), "--boot-timeout", "90s",
+                    "--command", "timeout /t 60 /nobreak")
+        names: list[str] = []
+        try:
+            _wait_for(lambda: "connected to" in proc.text() or proc.popen.poll() is not None)
+            names.extend(i["name"] for i in emu.backend.instances())
+            keys = [p for n in names for p in Path(tempfile.gettempdir()).glob(f"{n}-*.key")]
+            time.sleep(0.2)
+            proc.popen.send_signal(signal.SIGTERM)
+        finally:
+            rc = proc.wait()
+        text = proc.text()
+        assert rc == ExitCode.SIGTERM, text[-3000:]
+        assert "cancelled by signal 15" in text and "SSH host key pinned" in text
+        assert len(names) == 1 and len(keys) == 1, "one VM and one private key file during the run"
+        assert not keys[0].exists()
+        assert leaked(emu) == []
+    finally:
+        emu.close()

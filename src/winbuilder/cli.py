@@ -21,6 +21,8 @@ from winbuilder.spec import GceSpec, RunSpec, SshSpec, TargetSpec, TlsSpec, pars
 
 SECRET_ENV = ("WINBUILDER_PASSWORD", "PASSWORD")
 _NEEDS_QUOTES = re.compile(r"\s")
+_CREATED_USER = re.compile(r"[A-Za-z0-9._-]{1,20}")
+"""A Windows account name the guest agent can create that also fits an ``ssh-keys`` line (``USER:KEY``)."""
 
 
 class _DashDashCommand(click.Command):
@@ -93,7 +95,7 @@ def _gce_options(fn: Any) -> Any:
 @cli.command(cls=_DashDashCommand, context_settings={"ignore_unknown_options": False})
 @click.option("--host", help="The Windows server (name or IP). Without it, winbuilder creates one on Compute Engine.")
 @click.option("--port", type=click.IntRange(1, 65535), help="Port [default: 5986 HTTPS, 5985 --winrm-http, 22 SSH].")
-@click.option("--user", help="Windows user name.")
+@click.option("--user", help="Windows user name (without --host: the account created on the VM [winbuilder]).")
 @click.option("--password-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="File holding the password (first line). Else $WINBUILDER_PASSWORD, else $PASSWORD.")
 @click.option("--password", "password_arg", help="The password (visible in build history: prefer the env/file).")
@@ -249,16 +251,24 @@ def _fail_line(message: str) -> None:
 
 def _create_spec(opts: dict[str, Any], command: str) -> RunSpec:
     """The spec of a run that creates its server on Compute Engine (no --host)."""
-    given = [flag for flag, key in (("--user", "user"), ("--password", "password_arg"),
+    given = [flag for flag, key in (("--password", "password_arg"),
                                      ("--password-file", "password_file"), ("--port", "port"),
                                      ("--cert-sha256", "cert_sha256"), ("--cert-thumbprint", "cert_thumbprint"),
-                                     ("--ca-bundle", "ca_bundle")) if opts.get(key) is not None]
+                                     ("--ca-bundle", "ca_bundle"), ("--ssh-key", "ssh_key"),
+                                     ("--known-hosts", "known_hosts"), ("--host-key", "host_key"))
+             if opts.get(key) is not None]
     if given:
         raise UsageError(f"{', '.join(given)} given without --host",
                          "pass --host to use your own server, or drop them to let winbuilder create one")
-    if opts["transport"] != "winrm" or opts["winrm_http"]:
-        raise UsageError("a created server is reached over WinRM HTTPS only in this version",
-                         "drop --transport ssh / --winrm-http, or pass --host")
+    if opts["winrm_http"]:
+        raise UsageError("a created server is reached over WinRM HTTPS or SSH, not WinRM HTTP",
+                         "drop --winrm-http, or pass --host")
+    if opts["transport"] == "ssh" and opts["insecure_skip_verify"]:
+        raise UsageError("--insecure-skip-verify does not apply to --transport ssh on a created server",
+                         "drop it: the SSH host key is always pinned from the instance's guest attributes")
+    if opts["user"] is not None and not _CREATED_USER.fullmatch(opts["user"]):
+        raise UsageError(f"--user {opts['user']!r} cannot name the account the guest agent creates",
+                         "use 1-20 letters, digits, '.', '_' or '-'")
     if opts["zone"] and opts["region"]:
         raise UsageError("--zone and --region both given", "pass one of them")
     from winbuilder import gce
@@ -292,8 +302,9 @@ def _create_spec(opts: dict[str, Any], command: str) -> RunSpec:
         labels=_labels(opts["labels"]), tags=_split((opts["tags"],)) if opts["tags"] else (),
         network=opts["network"], subnetwork=opts["subnetwork"], internal_ip=opts["internal_ip"],
         allow_from=_split(opts["allow_from"]), egress_ip_url=opts["egress_ip_url"], max_run_duration=max_run,
-        boot_timeout=boot, compute_endpoint=opts["compute_endpoint"] or None)
-    target = TargetSpec(host="", user=spec.user, operation_timeout=opts["operation_timeout"],
+        boot_timeout=boot, compute_endpoint=opts["compute_endpoint"] or None, user=opts["user"] or defaults.user)
+    target = TargetSpec(host="", user=spec.user, transport=opts["transport"],
+                        operation_timeout=opts["operation_timeout"],
                         tls=TlsSpec(insecure_skip_verify=opts["insecure_skip_verify"]))
     return RunSpec(
         command=command, workspace=_workspace(opts["workspace"]), target=target, shell=opts["shell"],

@@ -14,6 +14,17 @@ Steps (``steps(spec)``, prepended by ``flow.plan`` when ``spec.gce`` is set):
 5. ``ready``: TCP + TLS probes of the listener with per-probe timeouts (the pin checked on each handshake)
    under the boot deadline; on timeout the tail of serial port 1 is printed.
 
+With ``--transport ssh`` the steps are ``ssh-key``, ``firewall`` (tcp:22), ``instance``, ``ssh-host-key``, ``ready``:
+
+* ``ssh-key``: an ephemeral ed25519 key generated in memory; the private key goes only to a 0600 temp file (its
+  delete is registered first) and the public key into metadata ``ssh-keys`` (``USER:ssh-ed25519 BASE64 COMMENT``)
+  with ``enable-windows-ssh=TRUE``, at insert time; the Windows guest agent creates the user and authorizes the
+  key, so there is no password step.
+* ``ssh-host-key``: guest attribute ``hostkeys/ssh-ed25519`` (``ALGO BASE64``, as in known_hosts) pinned as the
+  SSH host key (``SHA256:...``). Not published by the boot deadline: ``SecurityError``. There is no way around the
+  pin for SSH (``--insecure-skip-verify`` is a usage error with ``--transport ssh``).
+* ``ready``: the port must answer with an SSH banner (``SSH-2.0-...``, RFC 4253 4.2) under the boot deadline.
+
 ``gc()`` deletes winbuilder VMs whose ``winbuilder-expires`` label has passed and per-run firewall rules whose VMs
 are gone.
 """
@@ -23,11 +34,15 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import logging
+import os
+import secrets
 import socket
 import ssl
+import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from winbuilder import flow, gce, redact
@@ -57,6 +72,10 @@ PROBE_TIMEOUT = 5.0
 SERIAL_TAIL = 2000
 """Characters of serial port 1 shown when the server never became ready."""
 METADATA_RETRIES = 10
+SSH_HOST_KEY_ATTRIBUTE = "hostkeys/ssh-ed25519"
+"""Guest attribute where GCE Windows images publish their OpenSSH ed25519 host key (with guest attributes on)."""
+SSH_BANNER_MAX = 255
+"""Longest SSH identification line in bytes (RFC 4253 4.2)."""
 
 
 @dataclass
@@ -69,6 +88,7 @@ class GceState:
         zone: the zone the instance lives in, once created.
         host: the address to connect to; boot_deadline: ``time.monotonic()`` limit for password, pin, readiness.
         password: the decrypted password (never printed).
+        ssh_keys: the ``ssh-keys`` metadata entry of the run's key (SSH only; public).
     """
 
     compute: gce.Compute
@@ -79,6 +99,7 @@ class GceState:
     host: str | None = None
     boot_deadline: float = 0.0
     password: Password | None = field(default=None, repr=False)
+    ssh_keys: str | None = None
 
 
 def steps(spec: RunSpec) -> list[flow.NamedStep]:
@@ -86,6 +107,9 @@ def steps(spec: RunSpec) -> list[flow.NamedStep]:
     if spec.gce is None:
         return []
     out = [] if spec.gce.internal_ip else [flow.NamedStep("firewall", step_firewall)]
+    if spec.target is not None and spec.target.transport == "ssh":
+        return [flow.NamedStep("ssh-key", step_ssh_key), *out, flow.NamedStep("instance", step_instance),
+                flow.NamedStep("ssh-host-key", step_ssh_host_key), flow.NamedStep("ready", step_ready)]
     return [*out, flow.NamedStep("instance", step_instance), flow.NamedStep("password", step_password),
             flow.NamedStep("tls-pin", step_tls_pin), flow.NamedStep("ready", step_ready)]
 
@@ -175,13 +199,14 @@ def firewall_body(spec: GceSpec, rule: str, tag: str, port: int, ranges: list[st
 
 
 def instance_body(spec: GceSpec, name: str, zone: str, image: str, tag: str, run_id: str,
-                  expires: int) -> dict[str, Any]:
+                  expires: int, metadata: tuple[tuple[str, str], ...] = ()) -> dict[str, Any]:
     """The ``instances.insert`` body (REST JSON of an ``Instance``).
 
     Args:
         spec: the VM options.
         name: instance name; zone: its zone; image: source image self link; tag: the run's network tag.
         run_id: for the labels; expires: the ``winbuilder-expires`` label (Unix seconds).
+        metadata: more metadata items after ``enable-guest-attributes=TRUE`` (e.g. ``ssh_metadata(...)``).
     """
     region = zone.rsplit("-", 1)[0]
     all_labels = labels(run_id, expires, spec.labels)
@@ -206,12 +231,48 @@ def instance_body(spec: GceSpec, name: str, zone: str, image: str, tag: str, run
             "sourceImage": image, "diskSizeGb": str(spec.boot_disk_gb),
             "diskType": f"zones/{zone}/diskTypes/{spec.boot_disk_type}", "labels": all_labels}}],
         "networkInterfaces": [nic],
-        "metadata": {"items": [{"key": "enable-guest-attributes", "value": "TRUE"}]},
+        "metadata": {"items": [{"key": "enable-guest-attributes", "value": "TRUE"},
+                               *({"key": k, "value": v} for k, v in metadata)]},
         "scheduling": scheduling,
     }
     if spec.service_account:
         body["serviceAccounts"] = [{"email": spec.service_account, "scopes": list(spec.scopes)}]
     return body
+
+
+def ssh_keys_entry(user: str, public_key: str) -> str:
+    """One ``ssh-keys`` metadata line: ``USER:ALGO BASE64 COMMENT`` (the GCE guest agents' format).
+
+    Raises:
+        UsageError: ``user`` is empty or holds ``:`` or white space, or ``public_key`` is not one key line.
+    """
+    if not user or ":" in user or any(c.isspace() for c in user):
+        raise UsageError(f"user name {user!r} cannot go into ssh-keys metadata", "use letters, digits, . _ -")
+    key = public_key.strip()
+    if "\n" in key or len(key.split()) < 2:
+        raise UsageError("the SSH public key is not one OpenSSH key line", "this is a bug")
+    return f"{user}:{key}"
+
+
+def ssh_metadata(ssh_keys: str) -> tuple[tuple[str, str], ...]:
+    """Metadata items that make a GCE Windows image start OpenSSH and authorize ``ssh_keys`` (its lines)."""
+    return (("enable-windows-ssh", "TRUE"), ("ssh-keys", ssh_keys))
+
+
+def host_key_fingerprint(known_hosts_value: str) -> str:
+    """``SHA256:<base64>`` (as ``ssh-keygen -lf`` prints it) of an ``ALGO BASE64 [COMMENT]`` public key.
+
+    Raises:
+        ValueError: not an OpenSSH public key.
+    """
+    import asyncssh
+
+    try:
+        key = asyncssh.import_public_key(known_hosts_value.strip())
+    except (asyncssh.KeyImportError, UnicodeError) as exc:
+        raise ValueError(f"not an OpenSSH public key ({type(exc).__name__})") from None
+    fingerprint: str = key.get_fingerprint("sha256")
+    return fingerprint
 
 
 def instance_address(instance: dict[str, Any], internal: bool) -> str | None:
@@ -316,9 +377,10 @@ def step_instance(ctx: flow.RunContext) -> None:
     ctx.notes.update({"instance": st.name, "zone": zone, "project": spec.project})
     base = ctx.target or TargetSpec(host="", user=spec.user)
     ctx.target = replace(base, host=st.host, user=spec.user)
+    how = (f"ssh -i {ctx.target.ssh.key_path} {spec.user}@{st.host}" if ctx.target.transport == "ssh" else
+           f"reset the password with gcloud compute reset-windows-password {st.name} --zone {zone} --user {spec.user}")
     ctx.kept.append(f"instance {st.name} in zone {zone} (project {spec.project}): reach it at "
-                    f"{st.host}:{_port(ctx)} (reset the password with gcloud compute reset-windows-password "
-                    f"{st.name} --zone {zone} --user {spec.user}); delete it with gcloud compute instances delete "
+                    f"{st.host}:{_port(ctx)} ({how}); delete it with gcloud compute instances delete "
                     f"{st.name} --zone {zone} --project {spec.project} --quiet")
     flow.status(f"instance {st.name} in {zone}: {st.host} ({spec.machine_type}, deleted by Compute Engine after "
                 f"{int(spec.max_run_duration)} s at the latest)")
@@ -333,7 +395,8 @@ def _create_in(ctx: flow.RunContext, st: GceState, spec: GceSpec, zone: str, ima
 
     ctx.undo.callback(flow.quietly, f"delete instance {st.name} in {zone}", undo, ctx)
     deadline = time.monotonic() + API_TIMEOUT
-    body = instance_body(spec, st.name, zone, image, st.tag, ctx.spec.run_id, expires)
+    extra = ssh_metadata(st.ssh_keys) if st.ssh_keys is not None else ()
+    body = instance_body(spec, st.name, zone, image, st.tag, ctx.spec.run_id, expires, extra)
     op = gce.insert_instance(st.compute, zone, body, deadline)
     pending["op"] = op
     try:
@@ -344,6 +407,75 @@ def _create_in(ctx: flow.RunContext, st: GceState, spec: GceSpec, zone: str, ima
         return False
     st.zone = zone
     return True
+
+
+def step_ssh_key(ctx: flow.RunContext) -> None:
+    """Generate the run's ephemeral ed25519 key (undo: delete its private key file).
+
+    The private key exists in memory and in one 0600 file created with ``O_EXCL`` in the temp directory (the
+    delete is registered before the file exists); the public key becomes the ``ssh-keys`` entry the instance step
+    puts in the metadata at insert time.
+
+    Raises:
+        UsageError: the user name cannot go into ``ssh-keys``.
+        OSError: the key file could not be written.
+    """
+    import asyncssh
+
+    spec = _gce(ctx)
+    st = state(ctx)
+    run_id = ctx.spec.run_id
+    path = Path(tempfile.gettempdir()) / f"winbuilder-{run_id}-{secrets.token_hex(6)}.key"
+
+    def undo() -> None:
+        path.unlink(missing_ok=True)
+
+    ctx.undo.callback(flow.quietly, f"delete the private key file {path}", undo, ctx)
+    key = asyncssh.generate_private_key("ssh-ed25519", comment=f"winbuilder-{run_id}")
+    entry = ssh_keys_entry(spec.user, key.export_public_key().decode("ascii"))
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(key.export_private_key())
+    del key
+    st.ssh_keys = entry
+    base = ctx.target or TargetSpec(host="", user=spec.user, transport="ssh")
+    ctx.target = replace(base, user=spec.user, ssh=replace(base.ssh, key_path=path))
+    ctx.kept.append(f"private key {path} (authorized for {spec.user} through ssh-keys): delete it when done")
+    log.debug("ssh-keys: ephemeral ed25519 key for %s, private key in %s", spec.user, path)
+
+
+def step_ssh_host_key(ctx: flow.RunContext) -> None:
+    """Pin the SSH host key from guest attribute ``hostkeys/ssh-ed25519`` (``ALGO BASE64``, as in known_hosts).
+
+    Polls with backoff until the boot deadline (the image publishes it once OpenSSH has started).
+
+    Raises:
+        SecurityError: not published by the boot deadline, or not a public key.
+    """
+    st = state(ctx)
+    target = ctx.target
+    if target is None:
+        raise UsageError("no server to pin", "this is a bug")
+    deadline = st.boot_deadline
+    delay = POLL_FIRST
+    while True:
+        value = gce.guest_attribute(st.compute, st.zone or "", st.name, SSH_HOST_KEY_ATTRIBUTE, deadline)
+        if value is not None or time.monotonic() + delay >= deadline:
+            break
+        _sleep_until(delay, deadline)
+        delay = _backoff(delay)
+    if value is None:
+        _print_serial_tail(st, st.zone or "")
+        raise SecurityError(f"instance {st.name} did not publish its SSH host key (guest attribute "
+                            f"{SSH_HOST_KEY_ATTRIBUTE}) in time",
+                            "raise --boot-timeout, or use an image that publishes host keys to guest attributes")
+    try:
+        pin = host_key_fingerprint(value)
+    except ValueError:
+        raise SecurityError(f"guest attribute {SSH_HOST_KEY_ATTRIBUTE} of {st.name} is not an SSH public key",
+                            "check the image") from None
+    ctx.target = replace(target, ssh=replace(target.ssh, host_key=pin, known_hosts=None))
+    flow.status(f"SSH host key pinned: {pin} (from guest attribute {SSH_HOST_KEY_ATTRIBUTE})")
 
 
 def step_password(ctx: flow.RunContext) -> None:
@@ -464,6 +596,7 @@ def step_ready(ctx: flow.RunContext) -> None:
         raise UsageError("no server to wait for", "this is a bug")
     port = target.effective_port
     tls = target.transport == "winrm" and not target.winrm_http
+    ssh = target.transport == "ssh"
     delay = POLL_FIRST
     last = "no probe yet"
     while True:
@@ -473,7 +606,10 @@ def step_ready(ctx: flow.RunContext) -> None:
             raise DeadlineExceeded(f"{target.host}:{port} did not answer in time ({last})",
                                    "raise --boot-timeout, or check the firewall (--allow-from) and the image")
         try:
-            probe(target.host, port, tls, target.tls.cert_fingerprint, min(PROBE_TIMEOUT, remaining))
+            if ssh:
+                probe_ssh(target.host, port, min(PROBE_TIMEOUT, remaining))
+            else:
+                probe(target.host, port, tls, target.tls.cert_fingerprint, min(PROBE_TIMEOUT, remaining))
             return
         except SecurityError:
             raise
@@ -509,6 +645,26 @@ def probe(host: str, port: int, tls: bool, pin: str | None, timeout: float) -> N
     if have != want:
         raise SecurityError(f"the certificate of {host}:{port} does not match the pinned thumbprint",
                             "someone may be intercepting the connection; nothing was sent")
+
+
+def probe_ssh(host: str, port: int, timeout: float) -> None:
+    """One SSH readiness probe: TCP connect, then the server's identification line ``SSH-2.0-...`` (RFC 4253 4.2).
+
+    Nothing is sent. Args: ``timeout`` in seconds, for the connect and for the banner.
+
+    Raises:
+        OSError: not reachable yet, or the connection closed (or said something else) before a banner.
+    """
+    with socket.create_connection((host, port), timeout=timeout) as sock:
+        sock.settimeout(timeout)
+        data = b""
+        while b"\n" not in data and len(data) <= SSH_BANNER_MAX:
+            chunk = sock.recv(SSH_BANNER_MAX + 1)
+            if not chunk:
+                break
+            data += chunk
+    if not data.startswith(b"SSH-"):
+        raise ConnectionError(f"{host}:{port} closed the connection without an SSH banner")
 
 
 def _print_serial_tail(st: GceState, zone: str) -> None:
@@ -589,6 +745,7 @@ def _age(resource: dict[str, Any], now: float) -> float:
 
 __all__ = [
     "GcResult", "GceState", "check_source_ranges", "egress_range", "expired", "expires_epoch", "firewall_body", "gc",
-    "instance_address", "instance_body", "instance_name", "labels", "probe", "state", "step_firewall",
-    "step_instance", "step_password", "step_ready", "step_tls_pin", "steps",
+    "host_key_fingerprint", "instance_address", "instance_body", "instance_name", "labels", "probe", "probe_ssh",
+    "ssh_keys_entry", "ssh_metadata", "state", "step_firewall", "step_instance", "step_password", "step_ready",
+    "step_ssh_host_key", "step_ssh_key", "step_tls_pin", "steps",
 ]

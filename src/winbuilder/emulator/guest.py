@@ -17,6 +17,14 @@ What a real GCE Windows image does, and what the emulator does instead:
 * The guest agent watches metadata ``windows-keys`` after boot (``winbuilder.emulator.agent``), writes its answers to
   serial port 4 and sets the password on the listeners.
 * Serial ports keep the last ``serial_buffer_bytes`` bytes (1 MB on GCE); offsets count bytes from boot.
+* With metadata ``enable-windows-ssh=TRUE`` at insert time (``GuestSpec.ssh``) the image's OpenSSH server starts at
+  boot. Here a real sshd (``winbuilder.emulator.sshd``) runs on a private port of the internal address, behind a
+  ``FilteredProxy`` on ``ssh_port`` (22 as on GCE) of both addresses; the external one admits only what the VPC
+  firewall allows, like the WinRM listeners. The ports are bound with the WinRM ones, so an address whose SSH port
+  is taken is skipped. The keys of metadata ``ssh-keys`` (``USERNAME:ALGO BASE64 COMMENT`` lines, re-read on every
+  change) are authorized, and the host key is published as guest attribute ``hostkeys/ssh-ed25519`` (``ALGO
+  BASE64``, as in known_hosts). Limit: sshd can only log in the local user running the emulator, so every
+  ``ssh-keys`` USERNAME is mapped onto that user: clients must log in as it (``winbuilder.emulator.sshd``).
 """
 
 from __future__ import annotations
@@ -105,6 +113,8 @@ class GuestSpec:
         faults: the emulator's fault schedule (agent and WinRM entries apply here).
         serial_buffer_bytes: bytes each serial port retains.
         interpreter: argv prefix of the emulated ``cmd.exe`` (None: the WS-Man host's default).
+        ssh: start an OpenSSH server at boot (metadata ``enable-windows-ssh=TRUE`` at insert time).
+        ssh_port: its port on both addresses (22 on GCE; binding it needs root).
     """
 
     name: str
@@ -117,6 +127,8 @@ class GuestSpec:
     faults: FaultSchedule = FaultSchedule()
     serial_buffer_bytes: int = DEFAULT_SERIAL_BUFFER
     interpreter: tuple[str, ...] | None = None
+    ssh: bool = False
+    ssh_port: int = 22
 
 
 class AddressPool:
@@ -192,6 +204,8 @@ class Guest:
         self._metadata: dict[str, str] = {}
         self._agent_queue: queue.Queue[str | None] = queue.Queue()
         self._threads: list[threading.Thread] = []
+        self._ssh_proxies: list[Any] = []
+        self._sshd: Any = None
 
     # ----------------------------------------------------------------------------------------------- lifecycle
     def start(self) -> None:
@@ -209,8 +223,10 @@ class Guest:
             if not self._pool.claim(n):
                 continue
             try:
+                self._bind_ssh(n)
                 self._bind(n)
             except OSError as exc:
+                self._close_ssh()
                 self._close_hosts()
                 self._pool.release(n)
                 if exc.errno not in (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES):
@@ -221,7 +237,8 @@ class Guest:
             break
         else:
             self._cert.remove()
-            raise OSError(errno.EADDRINUSE, f"no guest address has port {self.spec.port} free") from last
+            ports = f"{self.spec.port}" + (f" and {self.spec.ssh_port}" if self.spec.ssh else "")
+            raise OSError(errno.EADDRINUSE, f"no guest address has port {ports} free") from last
         for target, name in ((self._boot, "boot"), (self._agent_loop, "agent")):
             thread = threading.Thread(target=target, name=f"guest-{self.spec.name}-{name}", daemon=True)
             self._threads.append(thread)
@@ -236,6 +253,72 @@ class Guest:
             self._hosts.append(self._start_host(external, self._outside_filter))
         self.internal_ip = internal
         self.external_ip = external
+
+    def _bind_ssh(self, n: int) -> None:
+        """Binds the SSH port of both addresses (proxies; sshd itself starts at boot)."""
+        if not self.spec.ssh:
+            return
+        from winbuilder.emulator.tcp_proxy import FilteredProxy
+
+        self._ssh_proxies = [FilteredProxy((f"127.0.1.{n}", self.spec.ssh_port), self._sshd_address,
+                                           lambda ip: True)]
+        if self.spec.external:
+            self._ssh_proxies.append(FilteredProxy((f"127.0.0.{n}", self.spec.ssh_port), self._sshd_address,
+                                                   lambda ip: self._admits(ip, self.spec.ssh_port)))
+
+    def _sshd_address(self) -> tuple[str, int] | None:
+        with self._lock:
+            host = None if self.closed else self._sshd
+        return None if host is None else (host.host, host.port)
+
+    def _start_sshd(self) -> None:
+        """Starts sshd on a private port of the internal address, with the ``ssh-keys`` of the metadata."""
+        from winbuilder.emulator.sshd import SshHost, SshHostConfig, current_user, start_sshd
+
+        root = Path(self._cert.directory) / "root"
+        root.mkdir(exist_ok=True)
+        keys = Path(self._cert.directory) / "ssh-keys"
+        with self._lock:
+            keys.write_text(_authorized_keys(self._metadata.get("ssh-keys", "")))
+        host: SshHost | None
+        try:
+            host = start_sshd(SshHostConfig(user=current_user(), root=root, authorized_keys=keys,
+                                            listen_host=self.internal_ip))
+        except Exception as exc:  # the guest goes on without SSH, as a failed service would
+            log.warning("guest %s: sshd did not start: %s", self.spec.name, exc)
+            self.serial[1].write(f"{_stamp()} GCEInstanceSetup: OpenSSH server failed to start.\r\n")
+            return
+        current = ""
+        with self._lock:
+            if not self.closed:
+                self._sshd, host = host, None
+                current = self._metadata.get("ssh-keys", "")
+        if host is not None:  # closed meanwhile
+            host.close()
+            return
+        self._write_ssh_keys(current)
+        self.serial[1].write(f"{_stamp()} GCEInstanceSetup: OpenSSH server started (enable-windows-ssh).\r\n")
+
+    def _write_ssh_keys(self, value: str) -> None:
+        """Replaces sshd's authorized keys with the keys of an ``ssh-keys`` value (atomic rename)."""
+        with self._lock:
+            host = self._sshd
+        if host is None:
+            return
+        path = Path(host.workdir) / "authorized_keys"
+        tmp = path.with_suffix(".new")
+        tmp.write_text(_authorized_keys(value))
+        tmp.chmod(0o600)
+        tmp.replace(path)
+
+    def _close_ssh(self) -> None:
+        with self._lock:
+            proxies, self._ssh_proxies = self._ssh_proxies, []
+            host, self._sshd = self._sshd, None
+        for proxy in proxies:
+            proxy.close()
+        if host is not None:
+            host.close()
 
     def _start_host(self, ip: str, connection_filter: Callable[[str], bool]) -> Any:
         from winbuilder.emulator.wsman.server import HostConfig, start_host
@@ -253,6 +336,7 @@ class Guest:
             return
         self._closed.set()
         self._agent_queue.put(None)
+        self._close_ssh()
         self._close_hosts()
         if self.number:
             self._pool.release(self.number)
@@ -291,6 +375,8 @@ class Guest:
         s1.write(f"{_stamp()} GCEGuestAgent: GCE Agent Started (version 20250101.00)\r\n")
         if self._closed.wait(self.spec.boot_seconds):
             return
+        if self.spec.ssh:
+            self._start_sshd()
         s1.write(f"{_stamp()} GCEInstanceSetup: Configuring WinRM...\r\n")
         s1.write(f"{_stamp()} GCEInstanceSetup: Waiting for WinRM to be running...\r\n")
         s1.write(f"{_stamp()} GCEInstanceSetup: WinRM certificate details: Subject: CN={name}, "
@@ -314,6 +400,8 @@ class Guest:
     def _publish_attributes(self) -> None:
         if self._metadata.get("enable-guest-attributes", "").upper() == "TRUE":
             self._attributes[("hostkeys", "winrm")] = self.thumbprint
+            if self._sshd is not None:
+                self._attributes[("hostkeys", "ssh-ed25519")] = self._sshd.host_public_key
 
     # ----------------------------------------------------------------------------------------------- metadata
     def on_metadata(self, items: dict[str, str]) -> None:
@@ -324,12 +412,15 @@ class Guest:
         """
         with self._lock:
             before = self._metadata.get("windows-keys")
+            ssh_before = self._metadata.get("ssh-keys")
             self._metadata = dict(items)
             if self.booted.is_set():
                 self._publish_attributes()
             changed = self.booted.is_set() and items.get("windows-keys") != before
         if changed:
             self._agent_queue.put(items.get("windows-keys", ""))
+        if items.get("ssh-keys") != ssh_before:
+            self._write_ssh_keys(items.get("ssh-keys", ""))
 
     def _agent_loop(self) -> None:
         from winbuilder.emulator.agent import WindowsKeysAgent
@@ -389,7 +480,8 @@ class Guest:
         """A summary for assertions and logs (no secrets)."""
         return {"name": self.spec.name, "external_ip": self.external_ip, "internal_ip": self.internal_ip,
                 "port": self.port, "booted": self.booted.is_set(), "winrm_open": self._winrm_open(),
-                "thumbprint": self.thumbprint, "closed": self.closed, "user": self._user}
+                "thumbprint": self.thumbprint, "closed": self.closed, "user": self._user,
+                "ssh_port": self.spec.ssh_port if self.spec.ssh else None, "sshd": self._sshd is not None}
 
 
 def _accepts_user(hosts: list[Any]) -> bool:
@@ -399,6 +491,14 @@ def _accepts_user(hosts: list[Any]) -> bool:
         return "user" in inspect.signature(hosts[0].set_password).parameters
     except (TypeError, ValueError):
         return False
+
+
+def _authorized_keys(ssh_keys: str) -> str:
+    """An authorized_keys text from an ``ssh-keys`` metadata value: the ``ALGO BASE64 COMMENT`` part of every
+    ``USERNAME:...`` line, whatever USERNAME (all map onto the local user); a comment line when there is none."""
+    keys = [line.partition(":")[2].strip() for line in ssh_keys.splitlines() if ":" in line]
+    keys = [k for k in keys if k and not k.startswith("#")]
+    return "\n".join(keys or ["# no ssh-keys in the instance metadata"]) + "\n"
 
 
 def _stamp() -> str:

@@ -67,6 +67,8 @@ class GceEmulatorConfig:
         token_seconds: lifetime of issued access tokens.
         min_run_duration: smallest ``scheduling.maxRunDuration`` accepted (30 s on GCE; tests lower it).
         guest_interpreter: argv prefix of the guests' emulated ``cmd.exe`` (None: the WS-Man host's default).
+        ssh_port: port of the OpenSSH server of guests inserted with metadata ``enable-windows-ssh=TRUE`` (22 as on
+            GCE, which needs root; firewall rules must then name this port).
     """
 
     project: str = "test-project"
@@ -83,6 +85,7 @@ class GceEmulatorConfig:
     token_seconds: int = 3599
     min_run_duration: float = 30.0
     guest_interpreter: tuple[str, ...] | None = None
+    ssh_port: int = 22
 
     @property
     def service_account_email(self) -> str:
@@ -568,11 +571,12 @@ class GceBackend:
         if state.instances.get((zone, name)) is not record or record.deleting:
             return None  # deleted while pending: nothing to start
         nic = record.resource["networkInterfaces"][0]
+        ssh = _metadata_items(record.resource).get("enable-windows-ssh", "").upper() == "TRUE"
         spec = GuestSpec(name=name, project=project, zone=zone, external=bool(nic.get("accessConfigs")),
                          port=self.config.guest_port, boot_seconds=self.config.boot_seconds,
                          agent_delay=self.config.agent_delay, faults=self.faults,
                          serial_buffer_bytes=self.config.serial_buffer_bytes,
-                         interpreter=self.config.guest_interpreter)
+                         interpreter=self.config.guest_interpreter, ssh=ssh, ssh_port=self.config.ssh_port)
         guest = Guest(spec, lambda ip, port: self.firewall_admits(project, record, ip, port), self.pool)
         try:
             guest.start()
