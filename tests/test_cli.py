@@ -63,3 +63,12 @@ def test_help_lists_the_main_options() -> None:
     for flag in ("--host", "--transport", "--cert-sha256", "--cert-thumbprint", "--timeout", "--exclude",
                  "--no-copy-back", "--shell", "--report"):
         assert flag in proc.stdout
+
+
+def test_create_mode_without_google_credentials_is_an_auth_error(tmp_path: Path) -> None:
+    closed = "127.0.0.1:9"  # nothing listens: "not on GCE", deterministically
+    env = {"GCE_METADATA_HOST": closed, "GCE_METADATA_IP": closed, "CLOUDSDK_CONFIG": str(tmp_path),
+           "GOOGLE_APPLICATION_CREDENTIALS": ""}
+    proc = winbuilder("run", "--zone", "us-central1-a", "--workspace", str(tmp_path), "--command", "ver", env=env)
+    assert proc.returncode == ExitCode.AUTH, proc.stderr
+    assert last_line(proc).startswith("winbuilder: error: no Google credentials")

@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from winbuilder.errors import CapacityError, CloudError, DeadlineExceeded, UsageError
+from winbuilder.errors import AuthError, CapacityError, CloudError, DeadlineExceeded, UsageError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -125,7 +125,8 @@ def resolve_project(explicit: str | None) -> str:
     try:
         _, project = google.auth.default()
     except DefaultCredentialsError as exc:
-        raise UsageError(f"no Google credentials: {exc}", "run on GCE/Cloud Build or set up ADC") from None
+        raise AuthError("no Google credentials (Application Default Credentials) were found",
+                        "run in Cloud Build or on GCE, or run `gcloud auth application-default login`") from exc
     if not project:
         raise UsageError("no project given", "pass --project or set PROJECT_ID")
     return str(project)
@@ -151,7 +152,8 @@ def connect(project: str, endpoint: str | None = None, credentials: Any = None) 
         try:
             credentials, _ = google.auth.default(scopes=["https://www.googleapis.com/auth/cloud-platform"])
         except DefaultCredentialsError as exc:
-            raise UsageError(f"no Google credentials: {exc}", "run on GCE/Cloud Build or set up ADC") from None
+            raise AuthError("no Google credentials (Application Default Credentials) were found",
+                            "run in Cloud Build or on GCE, or run `gcloud auth application-default login`") from exc
     options = ClientOptions(api_endpoint=endpoint) if endpoint else None
 
     def make(cls: Any) -> Any:
