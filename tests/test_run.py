@@ -267,3 +267,23 @@ def test_signal_mid_command_terminates_it_and_exits_128_plus_n(server: Server, t
     assert marker.read_text() == last
     doc = json.loads(report.read_text())
     assert doc["exit_code"] == 128 + signum and doc["remote_exit_code"] is None
+
+
+def test_files_of_earlier_runs_do_not_come_back(winrm: Server, tmp_path: Path) -> None:
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir()
+    second.mkdir()
+    (first / "only-in-first.txt").write_text("x")
+    assert run(winrm, "--command", "ver", workspace=first).returncode == 0
+    proc = run(winrm, "--command", "if exist only-in-first.txt (exit /b 3) else (exit /b 0)", workspace=second)
+    assert proc.returncode == 0, proc.stderr
+    assert not (second / "only-in-first.txt").exists()
+    proc = run(winrm, "--keep-remote", "--command", "if exist only-in-first.txt (exit /b 0) else (exit /b 4)",
+               workspace=first)
+    assert proc.returncode == 0
+
+
+def test_winrm_http_with_certificate_options_is_a_usage_error(winrm: Server, tmp_path: Path) -> None:
+    proc = run(winrm, "--winrm-http", "--command", "ver")
+    assert proc.returncode == ExitCode.USAGE
+    assert b"--winrm-http has no certificate" in proc.stderr.splitlines()[-1]

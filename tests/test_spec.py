@@ -44,3 +44,17 @@ def test_over_long_cmd_line_is_refused(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="8191"):
         RunSpec(command="echo " + "x" * 8200, workspace=tmp_path)
     RunSpec(command="echo " + "x" * 8200, workspace=tmp_path, shell="powershell")  # noqa: S604 - not a subprocess
+
+
+@pytest.mark.parametrize("path", ["C:\\", "D:\\", "C:\\Windows", "c:\\windows\\temp\\x", "C:\\Users",
+                                  "C:\\Users\\builder", "C:\\Program Files\\app", "C:\\ProgramData"])
+def test_cleaning_refuses_roots_system_folders_and_profiles(tmp_path: Path, path: str) -> None:
+    with pytest.raises(UsageError, match="--keep-remote"):
+        RunSpec(command="ver", workspace=tmp_path, remote_dir=path)
+    RunSpec(command="ver", workspace=tmp_path, remote_dir=path, clean_remote=False)
+    RunSpec(command="ver", workspace=tmp_path, remote_dir=path, copy_in=False)
+
+
+@pytest.mark.parametrize("path", ["C:\\workspace", "D:\\builds\\a", "C:\\Users\\builder\\ws"])
+def test_cleaning_allows_folders_of_their_own(tmp_path: Path, path: str) -> None:
+    assert RunSpec(command="ver", workspace=tmp_path, remote_dir=path).clean_remote

@@ -398,7 +398,8 @@ def test_preflight_reports_every_bad_path_at_once(tmp_path: Path) -> None:
     assert any("backslash" in r for p, r in found if p == "backslash_link")
     assert "aux" in paths and "fine/ok.txt" not in paths and "fine" not in paths
 
-    message = str(err)
+    message = "\n".join(err.details) + "\n" + str(err)
+    assert "\n" not in str(err)  # the error itself is one line; the reasons are its details
     assert "--exclude" in message
     assert "\\x01" in message and "\x01" not in message  # control characters are escaped in the message
     for p in err.problems:

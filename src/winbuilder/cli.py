@@ -121,7 +121,9 @@ def _gce_options(fn: Any) -> Any:
 @click.option("--exclude", multiple=True, help="Glob left out of the copy in (repeatable), e.g. '*.o', 'node_modules'.")
 @click.option("--no-copy", is_flag=True, help="Do not copy the workspace in.")
 @click.option("--no-copy-back", is_flag=True, help="Do not copy the workspace back.")
-@click.option("--clean-remote", is_flag=True, help="Empty --remote-dir on the server before copying in.")
+@click.option("--clean-remote/--keep-remote", default=True, show_default=True,
+              help="Empty --remote-dir on the server before copying in, so files of earlier runs neither affect "
+                   "the build nor come back (not with --no-copy).")
 @click.option("--timeout", default="4h", show_default=True, help="Limit for the command; then terminate, exit 124.")
 @click.option("--connect-timeout", default="2m", show_default=True, help="Limit to connect and authenticate.")
 @click.option("--transfer-timeout", default="1h", show_default=True, help="Limit for each copy (in, back).")
@@ -146,7 +148,7 @@ def run(ctx: click.Context, /, **opts: Any) -> None:
     result = flow.run(spec)
     flow.print_timings(result)
     if result.error:
-        _fail_line(result.error)
+        _fail_line(result.error, result.error_details)
     sys.exit(result.exit_code)
 
 
@@ -156,8 +158,9 @@ def _spec(opts: dict[str, Any], words: list[str] | None) -> RunSpec:
         return _create_spec(opts, command)
     given = [f"--{k.replace('_', '-')}" for k in _GCE_ONLY if opts.get(k) not in (None, False, (), "")]
     if given:
-        raise UsageError(f"{', '.join(given)} only apply when winbuilder creates the server (no --host)",
-                         "drop them, or drop --host")
+        one = len(given) == 1
+        raise UsageError(f"{', '.join(given)} {'applies' if one else 'apply'} only when winbuilder creates the "
+                         "server (no --host)", f"drop {'it' if one else 'them'}, or drop --host")
     if not opts["user"]:
         raise UsageError("--user is required with --host", "pass --user USER")
     password = _password(opts)
@@ -177,6 +180,12 @@ def _spec(opts: dict[str, Any], words: list[str] | None) -> RunSpec:
             raise UsageError(f"bad certificate fingerprint {pins[0]!r}", str(exc)) from None
     if opts["winrm_http"] and opts["transport"] != "winrm":
         raise UsageError("--winrm-http goes with --transport winrm", "drop --winrm-http")
+    tls_flags = [f for f, k in (("--cert-sha256", "cert_sha256"), ("--cert-thumbprint", "cert_thumbprint"),
+                                ("--ca-bundle", "ca_bundle"), ("--insecure-skip-verify", "insecure_skip_verify"))
+                 if opts[k]]
+    if opts["winrm_http"] and tls_flags:
+        raise UsageError(f"{', '.join(tls_flags)} concern HTTPS, but --winrm-http has no certificate",
+                         "drop --winrm-http to use HTTPS (recommended), or drop the certificate options")
     target = TargetSpec(
         host=opts["host"], port=opts["port"], user=opts["user"], password=password, transport=opts["transport"],
         winrm_http=opts["winrm_http"], operation_timeout=opts["operation_timeout"],
@@ -242,7 +251,10 @@ def _configure_logging(debug: bool, spec: RunSpec) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def _fail_line(message: str) -> None:
+def _fail_line(message: str, details: tuple[str, ...] = ()) -> None:
+    """Print the details (if any), then the one-line error that is always the last line on stderr."""
+    for line in details:
+        sys.stderr.write(f"winbuilder:   {line}\n")
     sys.stderr.write(f"winbuilder: error: {message}\n")
     sys.stderr.flush()
 
@@ -259,7 +271,8 @@ def _create_spec(opts: dict[str, Any], command: str) -> RunSpec:
              if opts.get(key) is not None]
     if given:
         raise UsageError(f"{', '.join(given)} given without --host",
-                         "pass --host to use your own server, or drop them to let winbuilder create one")
+                         f"pass --host to use your own server, or drop {'it' if len(given) == 1 else 'them'} to let "
+                         "winbuilder create one")
     if opts["winrm_http"]:
         raise UsageError("a created server is reached over WinRM HTTPS or SSH, not WinRM HTTP",
                          "drop --winrm-http, or pass --host")
@@ -379,13 +392,18 @@ def main(argv: list[str] | None = None) -> None:
         _fail_line("cancelled — nothing was left running")
         sys.exit(ExitCode.SIGINT)
     except click.UsageError as exc:
-        _fail_line(f"{exc.format_message()} — see 'winbuilder {_sub(argv)}--help'")
+        message = exc.format_message()
+        if message.startswith("Got unexpected extra argument"):
+            _fail_line(f"{message}: a flag takes no value (--no-copy, not --no-copy true) — put the command in "
+                       "--command or after --")
+        else:
+            _fail_line(f"{message} — see 'winbuilder {_sub(argv)}--help'")
         sys.exit(ExitCode.USAGE)
     except click.ClickException as exc:
         _fail_line(exc.format_message())
         sys.exit(ExitCode.USAGE)
     except WinbuilderError as exc:
-        _fail_line(str(exc))
+        _fail_line(str(exc), exc.details)
         sys.exit(exc.exit_code)
 
 

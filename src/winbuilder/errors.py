@@ -54,6 +54,8 @@ class WinbuilderError(Exception):
     """
 
     exit_code: int = ExitCode.INTERNAL
+    details: tuple[str, ...] = ()
+    """Lines that the CLI prints before the one-line error (e.g. every path preflight rejected)."""
 
     def __init__(self, message: str, hint: str = "") -> None:
         super().__init__(message)

@@ -121,6 +121,7 @@ class RunResult:
     bytes_sent: int
     bytes_received: int
     error: str | None = None
+    error_details: tuple[str, ...] = ()
 
 
 def status(message: str) -> None:
@@ -156,7 +157,7 @@ def step_preflight(ctx: RunContext) -> None:
     """Check the workspace for names Windows cannot hold, before anything connects or moves."""
     if ctx.spec.copy_in:
         ctx.manifest = workspace.preflight(ctx.spec.workspace, ctx.spec.excludes)
-        status(f"workspace: {ctx.manifest.files} files, {_size(ctx.manifest.bytes)}")
+        status(f"workspace: {_count(ctx.manifest.files, 'file')}, {_size(ctx.manifest.bytes)}")
 
 
 def step_connect(ctx: RunContext) -> None:
@@ -178,10 +179,10 @@ def step_copy_in(ctx: RunContext) -> None:
     """Stream a tar of the workspace into ``tar -xf -`` on the server (plus the PowerShell script, if any)."""
     spec = ctx.spec
     extra = _extra_files(spec)
-    if not spec.copy_in and not extra and not spec.clean_remote:
+    if not spec.copy_in and not extra:
         return
     rd = spec.remote_dir
-    prefix = f'(if exist "{rd}\\" rmdir /s /q "{rd}") & ' if spec.clean_remote else ""
+    prefix = f'(if exist "{rd}\\" rmdir /s /q "{rd}") & ' if spec.clean_remote and spec.copy_in else ""
     if ctx.manifest is None:
         ctx.manifest = workspace.Manifest(root=spec.workspace, entries=(), files=0, bytes=0, dirs=0, symlinks=0,
                                           excluded=0)
@@ -230,7 +231,7 @@ def step_copy_back(ctx: RunContext) -> None:
                              f"check that {rd} exists and is readable")
     result = extractor.close()
     ctx.bytes_received = result.stream_bytes
-    status(f"copied back {result.files} files, {_size(result.bytes)}")
+    status(f"copied back {_count(result.files, 'file')}, {_size(result.bytes)}")
 
 
 def command_line(spec: RunSpec) -> str:
@@ -394,7 +395,7 @@ def _result(ctx: RunContext, error: WinbuilderError | None, timed_out: bool) -> 
     else:
         code = exit_status(ctx.remote_exit)
     return RunResult(int(code), ctx.remote_exit, tuple(ctx.phases), ctx.bytes_sent, ctx.bytes_received,
-                     str(error) if error is not None else None)
+                     str(error) if error is not None else None, error.details if error is not None else ())
 
 
 def exit_status(remote: int | None) -> int:
@@ -483,6 +484,10 @@ def _transport_label(t: TargetSpec) -> str:
     if t.transport == "ssh":
         return "SSH"
     return "WinRM HTTP (NTLM-encrypted)" if t.winrm_http else "WinRM HTTPS"
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n:,} {noun}" + ("" if n == 1 else "s")
 
 
 def _size(n: int) -> str:

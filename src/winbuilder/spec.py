@@ -52,6 +52,24 @@ def check_remote_dir(path: str) -> str:
     return path.rstrip("\\") if len(path) > 3 else path
 
 
+_PROTECTED = {"windows", "users", "program files", "program files (x86)", "programdata", "system volume information",
+              "recovery", "boot", "$recycle.bin"}
+
+
+def check_cleanable(path: str) -> None:
+    """Refuse to empty a drive root, a system folder or anything in one, ``C:\\Users`` or a profile itself
+    (``C:\\Users\\<name>\\ws`` is fine).
+
+    Raises:
+        UsageError: ``path`` is one of those.
+    """
+    parts = [p.lower() for p in path.rstrip("\\").split("\\")[1:] if p]
+    inside_a_profile = len(parts) > 2 and parts[0] == "users"
+    if not parts or (parts[0] in _PROTECTED and not inside_a_profile):
+        raise UsageError(f"--remote-dir {path} is emptied before each copy, and that folder must not be",
+                         "pick a folder of its own, e.g. C:\\workspace, or pass --keep-remote")
+
+
 @dataclass(frozen=True)
 class TlsSpec:
     """How the WinRM HTTPS certificate is verified. Exactly one way is used, in this order: pin, CA bundle, system
@@ -162,7 +180,8 @@ class RunSpec:
         timeout: seconds the command may run; then it is terminated and the run exits 124.
         connect_timeout: seconds to connect and authenticate.
         transfer_timeout: seconds each copy (in, back) may take.
-        clean_remote: empty ``remote_dir`` before copying in.
+        clean_remote: empty ``remote_dir`` before copying in (only when copying in), so that files of earlier runs
+            on the same server neither affect the build nor come back. Refused for drive roots and system folders.
         report: where to write the JSON report, if anywhere.
     """
 
@@ -174,7 +193,7 @@ class RunSpec:
     excludes: tuple[str, ...] = ()
     copy_in: bool = True
     copy_back: bool = True
-    clean_remote: bool = False
+    clean_remote: bool = True
     timeout: float = 4 * 3600.0
     connect_timeout: float = 120.0
     transfer_timeout: float = 3600.0
@@ -191,3 +210,5 @@ class RunSpec:
                 f"the command is {len(self.command)} characters; cmd.exe truncates lines at {CMD_LINE_MAX}",
                 "put it in a script in the workspace, or use --shell powershell (sent as a file)")
         check_remote_dir(self.remote_dir)
+        if self.clean_remote and self.copy_in:
+            check_cleanable(self.remote_dir)

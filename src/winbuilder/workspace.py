@@ -148,16 +148,18 @@ class PreflightError(WorkspaceError):
     """The workspace holds paths that Windows cannot hold. ``problems`` lists every one of them.
 
     Args:
-        problems: each bad path and why; the message lists them all, one per line.
+        problems: each bad path and why; ``details`` has one line per problem, the message names the first few.
     """
 
     def __init__(self, problems: Sequence[Problem]) -> None:
-        lines = [f"  {_show(p.path)}: {p.reason}" for p in problems]
-        noun = "path" if len(problems) == 1 else "paths"
+        shown = sorted({_show(p.path) for p in problems})
+        names = ", ".join(shown[:5]) + (f" and {len(shown) - 5} more" if len(shown) > 5 else "")
+        noun = "path" if len(shown) == 1 else "paths"
         super().__init__(
-            f"{len(problems)} workspace {noun} cannot be copied to Windows:\n" + "\n".join(lines),
+            f"{len(shown)} workspace {noun} cannot be copied to Windows ({names}; reasons listed above)",
             "rename them, or leave them out with --exclude GLOB (e.g. --exclude 'aux.c' --exclude 'tmp/**')",
         )
+        self.details = tuple(f"{_show(p.path)}: {p.reason}" for p in problems)
         self.problems: tuple[Problem, ...] = tuple(problems)
 
 

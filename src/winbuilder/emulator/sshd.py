@@ -374,7 +374,7 @@ def main(listen: str, user: str, root: str | None, authorized_keys: str | None) 
         if root is None:
             temp_root = tempfile.mkdtemp(prefix="wb-root-")
             root = temp_root
-        host = start_sshd(SshHostConfig(user=user, root=Path(root), authorized_keys=Path(authorized_keys),
+        host = start_sshd(SshHostConfig(user=user, root=Path(root).resolve(), authorized_keys=Path(authorized_keys),
                                         listen_host=listen_host, port=port))
         print(f"ready {host.url} host-key={host.host_key_fingerprint}", flush=True)
         code = host.process.wait()

@@ -149,7 +149,7 @@ class Host:
         self._faults = FaultCounter(config.faults)
         self._creds = CredentialFile(config.user, config.password)
         self._own_root = config.root is None
-        self.root = Path(tempfile.mkdtemp(prefix="wb-root-")) if config.root is None else Path(config.root)
+        self.root = Path(tempfile.mkdtemp(prefix="wb-root-")) if config.root is None else Path(config.root).resolve()
         (self.root / "C" / "Users" / config.user).mkdir(parents=True, exist_ok=True)
         self._state_dir = Path(tempfile.mkdtemp(prefix="wb-wsman-"))
         self.shells = ShellTable(
