@@ -510,7 +510,7 @@ def test_gce_options_need_create_mode(capsys: pytest.CaptureFixture[str]) -> Non
     with pytest.raises(SystemExit) as exit_info:
         main(["run", "--host", "h", "--user", "u", "--zone", ZONE, "--spot", "--command", "x"])
     assert exit_info.value.code == ExitCode.USAGE
-    assert "--zone, --spot only apply when winbuilder creates the server" in capsys.readouterr().err
+    assert "--zone, --spot apply only when winbuilder creates the server" in capsys.readouterr().err
 
 
 # -- --transport ssh on a created server ------------------------------------------------------------------------------
