@@ -121,7 +121,9 @@ class _Process(asyncssh.SSHClientProcess[bytes]):
 
     def connection_made(self, chan: Any) -> None:
         super().connection_made(chan)
-        original = chan._process_exit_status_request
+        original = getattr(chan, "_process_exit_status_request", None)
+        if original is None:  # a future asyncssh: fall back to its own (8-bit) exit status
+            return
 
         def record(packet: Any) -> bool:
             payload: bytes = packet.get_remaining_payload()
