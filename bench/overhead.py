@@ -10,7 +10,7 @@ The one-off import of google-cloud-compute (about 1 s on an idle machine, much m
 reported apart: it is paid once per process, before any timing below starts.
 
 Usage: python bench/overhead.py [--runs 3] [--boot 3] [--agent 1] [--winrm-late 1.5]
-Prints the figures; exits 1 if the median overhead is above ``--target`` seconds (default 2).
+Prints the figures and whether the median overhead is within ``--target`` seconds (default 2); asserts nothing.
 """
 
 from __future__ import annotations
@@ -90,8 +90,9 @@ def main() -> int:
         print(f"{i:>4} {wall:8.2f} {wall - injected:11.2f} {left:5d}  "
               + " ".join(f"{durations.get(p, 0.0):9.2f}" for p in phases))
     median = statistics.median(wall - injected for wall, _, _ in rows)
-    print(f"median overhead: {median:.2f} s (target <= {args.target:.2f} s); teardown is the cleanup phase")
-    return 0 if median <= args.target else 1
+    verdict = "met" if median <= args.target else "NOT met"
+    print(f"median overhead: {median:.2f} s (target <= {args.target:.2f} s: {verdict}); teardown is the cleanup phase")
+    return 0
 
 
 if __name__ == "__main__":
