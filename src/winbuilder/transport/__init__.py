@@ -18,9 +18,9 @@ from typing import Protocol
 OutputCallback = Callable[[bytes], None]
 
 
-@dataclass(frozen=True)
+@dataclass
 class TransferStats:
-    """Counters of one transport session. Sizes in bytes.
+    """Counters of one transport session. Sizes in bytes. Transports count into one and hand out copies.
 
     Attributes:
         requests: protocol round trips (HTTP requests for WinRM, channel opens for SSH).

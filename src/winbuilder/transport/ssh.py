@@ -24,7 +24,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 from collections.abc import Awaitable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -154,10 +154,7 @@ class SshTransport:
         self._conn: asyncssh.SSHClientConnection | None = None
         self._client: _Client | None = None
         self._closed = False
-        self._requests = 0
-        self._stdin_bytes = 0
-        self._stdout_bytes = 0
-        self._stderr_bytes = 0
+        self._counts = TransferStats()
 
     @property
     def max_stdin_chunk(self) -> int:
@@ -284,7 +281,7 @@ class SshTransport:
         try:
             async with asyncio.timeout_at(when):
                 try:
-                    self._requests += 1
+                    self._counts.requests += 1
                     _chan, session = await conn.create_session(_Process, command_line, encoding=None,
                                                                request_pty=False)
                     proc = cast(_Process, session)
@@ -338,9 +335,9 @@ class SshTransport:
             if not data:
                 return
             if stderr:
-                self._stderr_bytes += len(data)
+                self._counts.stderr_bytes += len(data)
             else:
-                self._stdout_bytes += len(data)
+                self._counts.stdout_bytes += len(data)
             callback(data)
 
     async def _feed(self, proc: asyncssh.SSHClientProcess[bytes], stdin: Iterable[bytes] | None) -> None:
@@ -355,7 +352,7 @@ class SshTransport:
                     if not chunk:
                         continue
                     writer.write(chunk)
-                    self._stdin_bytes += len(chunk)
+                    self._counts.stdin_bytes += len(chunk)
                     await writer.drain()
             writer.write_eof()
         except (BrokenPipeError, ConnectionError, asyncssh.Error):
@@ -373,8 +370,7 @@ class SshTransport:
 
     def stats(self) -> TransferStats:
         """Counters since the transport was created; ``requests`` counts session channels opened."""
-        return TransferStats(requests=self._requests, stdin_bytes=self._stdin_bytes,
-                             stdout_bytes=self._stdout_bytes, stderr_bytes=self._stderr_bytes)
+        return replace(self._counts)
 
     def close(self) -> None:
         """Close the connection and the private event loop. Idempotent; never raises.

@@ -9,12 +9,11 @@ Faults are named in ``WSManFaultCode`` and mapped once, in ``_translate``, to ``
 from __future__ import annotations
 
 import base64
-import hashlib
 import logging
 import time
 import xml.etree.ElementTree as ET  # noqa: S405 - builds requests; parsing is pypsrp's
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import IntEnum
 from functools import partial
 from pathlib import Path
@@ -114,11 +113,6 @@ def normalize_fingerprint(value: str) -> str:
     return hexdigits
 
 
-def cert_fingerprints(der: bytes) -> tuple[str, str]:
-    """(SHA-256 hex, SHA-1 hex) of a DER certificate, as ``--cert-sha256`` and ``--cert-thumbprint`` take them."""
-    return hashlib.sha256(der).hexdigest(), hashlib.sha1(der).hexdigest()  # noqa: S324 - a thumbprint, not security
-
-
 class WinRMTransport:
     """Runs cmd.exe command lines in one WinRS shell. Implements ``winbuilder.transport.Transport``.
 
@@ -130,10 +124,7 @@ class WinRMTransport:
         self.target = target
         self._wsman: WSMan | None = None
         self._shell: WinRS | None = None
-        self._requests = 0
-        self._stdin = 0
-        self._stdout = 0
-        self._stderr = 0
+        self._counts = TransferStats()
 
     # -- Transport surface -------------------------------------------------------------------------------------
 
@@ -216,10 +207,10 @@ class WinRMTransport:
                         continue
                     raise fault.translate() from fault.__cause__
                 if streams.get("stdout"):
-                    self._stdout += len(streams["stdout"])
+                    self._counts.stdout_bytes += len(streams["stdout"])
                     on_stdout(streams["stdout"])
                 if streams.get("stderr"):
-                    self._stderr += len(streams["stderr"])
+                    self._counts.stderr_bytes += len(streams["stderr"])
                     on_stderr(streams["stderr"])
                 if state == CommandState.DONE:
                     done = True
@@ -233,14 +224,14 @@ class WinRMTransport:
 
     def stats(self) -> TransferStats:
         """Counters since the transport was created (``requests`` = HTTP requests of WS-Man operations)."""
-        return TransferStats(self._requests, self._stdin, self._stdout, self._stderr)
+        return replace(self._counts)
 
     def close(self) -> None:
         """Delete the shell and close the HTTP session. Idempotent; never raises."""
         shell, self._shell = self._shell, None
         if shell is not None and shell.opened:
             try:
-                self._requests += 1
+                self._counts.requests += 1
                 shell.close()
             except Exception as exc:  # noqa: BLE001 - best effort at teardown
                 log.debug("deleting the shell failed: %s", type(exc).__name__)
@@ -332,7 +323,7 @@ class WinRMTransport:
             if remaining(deadline) <= 0:
                 raise DeadlineExceeded("the command ran past --timeout while sending input", "raise --timeout")
             self._call(partial(wsman.send, shell.resource_uri, body, selector_set=selectors))
-            self._stdin += size
+            self._counts.stdin_bytes += size
             sent_any = True
         if not sent_any:
             self._call(partial(wsman.send, shell.resource_uri, send_body(b"", command_id, True),
@@ -365,7 +356,7 @@ class WinRMTransport:
             _Fault: a WSManFault the caller may handle (others call ``.translate()``).
             WinbuilderError subclasses for everything else.
         """
-        self._requests += 1
+        self._counts.requests += 1
         try:
             return fn()
         except WSManFaultError as exc:
